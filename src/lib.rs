@@ -1,0 +1,7 @@
+//! rora: recover the accuracy of pruned LLaMA-architecture models with RoRA adapters.
+//!
+//! The pipeline (`recover --pipeline FILE.yaml`) is
+//! `load → inspect → [prune] → eval(before) → attach → finetune → eval(after) → export`;
+//! each stage is one module here, the model is in [`model`].
+
+pub mod model;

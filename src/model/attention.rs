@@ -1,0 +1,82 @@
+//! Grouped-query self-attention with a causal + padding mask and an optional KV cache.
+
+use super::linear::Linear;
+use super::rope::apply_rotary;
+use anyhow::Result;
+use candle_core::{DType, Tensor, D};
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values of the positions seen so far, per layer: each (b, kv_heads, T, head_dim).
+#[derive(Clone, Debug, Default)]
+pub struct LayerKv(pub Option<(Tensor, Tensor)>);
+
+impl Attention {
+    /// `x`: (b, t, hidden); `cos`/`sin`: (b, 1, t, head_dim); `mask`: additive, (b, 1, t, T)
+    /// where T = cached + t, or `None` when every key is visible (one new token, no padding).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let split_heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split_heads(self.q_proj.forward(x)?, h)?;
+        let k = split_heads(self.k_proj.forward(x)?, kvh)?;
+        let v = split_heads(self.v_proj.forward(x)?, kvh)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let mut k = apply_rotary(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(cache) = kv {
+            if let Some((pk, pv)) = &cache.0 {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            cache.0 = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(&k, h / kvh)?;
+        let v = repeat_kv(&v, h / kvh)?;
+
+        // Scores and softmax in f32, as Hugging Face does, whatever the weights' dtype.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // (b, h, t, hd)
+        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// (b, kv_heads, T, hd) → (b, kv_heads * n_rep, T, hd), each kv head repeated for its
+/// group of query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kvh, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kvh, n_rep, t, hd))?
+        .reshape((b, kvh * n_rep, t, hd))?)
+}

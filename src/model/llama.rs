@@ -1,0 +1,266 @@
+//! The LLaMA decoder: embeddings → layers → final norm → output head, with logits for
+//! every position. Each layer reads its own widths from its tensors (see `shapes`).
+
+use super::attention::{Attention, LayerKv};
+use super::config::{LayerShape, LlamaConfig};
+use super::linear::{matmul_t, Linear};
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::RotaryEmbedding;
+use super::shapes::{layer_prefix, read_layer_shapes};
+use super::weights::Weights;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// A large negative instead of -inf, so that a fully masked row (a left-padding query)
+/// gives a uniform softmax rather than NaN.
+const MASKED: f32 = -1e30;
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerKv::default(); num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.0.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Keeps the batch rows `rows` (in that order): beam search reorders its beams this way.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for layer in &mut self.layers {
+            if let Some((k, v)) = &layer.0 {
+                layer.0 = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub layer_shapes: Vec<LayerShape>,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output head is tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+    rope: RotaryEmbedding,
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face–named tensors, reading and checking every
+    /// layer's shape first.
+    pub fn from_weights(config: LlamaConfig, weights: &Weights) -> Result<Self> {
+        let layer_shapes = read_layer_shapes(&config, weights)?;
+        let hidden = config.hidden_size;
+        let eps = config.rms_norm_eps;
+        let head_dim = config.head_dim();
+        let embed_tokens = weights.get("model.embed_tokens.weight")?.clone();
+        let device = embed_tokens.device().clone();
+        let linear =
+            |name: String| -> Result<Linear> { Ok(Linear::new(weights.get(&name)?.clone())) };
+        let norm = |name: String| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(weights.vector(&name, hidden)?.clone(), eps))
+        };
+        let mut layers = Vec::with_capacity(layer_shapes.len());
+        for (i, shape) in layer_shapes.iter().enumerate() {
+            let p = layer_prefix(i);
+            layers.push(DecoderLayer {
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(format!("{p}.self_attn.q_proj.weight"))?,
+                    k_proj: linear(format!("{p}.self_attn.k_proj.weight"))?,
+                    v_proj: linear(format!("{p}.self_attn.v_proj.weight"))?,
+                    o_proj: linear(format!("{p}.self_attn.o_proj.weight"))?,
+                    num_heads: shape.num_attention_heads,
+                    num_kv_heads: shape.num_key_value_heads,
+                    head_dim,
+                },
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(format!("{p}.mlp.gate_proj.weight"))?,
+                    up_proj: linear(format!("{p}.mlp.up_proj.weight"))?,
+                    down_proj: linear(format!("{p}.mlp.down_proj.weight"))?,
+                },
+            });
+        }
+        let lm_head = if weights.contains("lm_head.weight") {
+            let (t, rows, cols) = weights.matrix("lm_head.weight")?;
+            if (rows, cols) != (config.vocab_size, hidden) {
+                bail!(
+                    "tensor `lm_head.weight` has shape [{rows}, {cols}], expected [{}, {hidden}]",
+                    config.vocab_size
+                );
+            }
+            Some(t.clone())
+        } else {
+            // Tied (or an exporter dropped the head of a tied model): reuse the embeddings.
+            None
+        };
+        Ok(Self {
+            rope: RotaryEmbedding::new(&config, &device)?,
+            norm: norm("model.norm.weight".to_string())?,
+            config,
+            layer_shapes,
+            embed_tokens,
+            layers,
+            lm_head,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// `ids`: (b, t) u32 → embeddings (b, t, hidden).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        Ok(flat.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Logits for every position, (b, t, vocab), in the model's dtype.
+    ///
+    /// `attention_mask` is (b, T) with 1 for real tokens and 0 for padding, where T covers
+    /// the cached positions and the new ones; `None` means no padding.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_embeds(&self.embed(ids)?, attention_mask, cache)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Final hidden states (after the last norm), (b, t, hidden), for input embeddings
+    /// (b, t, hidden).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let (positions, mask) = positions_and_mask(b, t, past, attention_mask, self.device())?;
+        let (cos, sin) = self.rope.cos_sin(&positions, embeds.dtype())?;
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// (..., hidden) → (..., vocab).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        matmul_t(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// Position ids (b, t) and the additive attention mask (b, 1, t, past + t).
+///
+/// Positions count real tokens only (Hugging Face's `cumsum(mask) - 1`), so a left-padded
+/// row sees the same positions as the unpadded sequence would.
+fn positions_and_mask(
+    b: usize,
+    t: usize,
+    past: usize,
+    attention_mask: Option<&Tensor>,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let total = past + t;
+    let valid: Option<Vec<Vec<f32>>> = match attention_mask {
+        Some(m) => {
+            let rows = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            if rows.len() != b || rows.iter().any(|r| r.len() != total) {
+                bail!(
+                    "attention mask has shape {:?}, expected [{b}, {total}] (cached + new positions)",
+                    m.dims()
+                );
+            }
+            Some(rows)
+        }
+        None => None,
+    };
+    let mut positions = Vec::with_capacity(b * t);
+    for r in 0..b {
+        let mut seen = 0u32;
+        for j in 0..total {
+            let is_real = valid.as_ref().is_none_or(|v| v[r][j] > 0.5);
+            if j >= past {
+                // Padding gets the next real position; it is masked out anyway.
+                positions.push(seen);
+            }
+            if is_real {
+                seen += 1;
+            }
+        }
+    }
+    let positions = Tensor::from_vec(positions, (b, t), device)?;
+    let needs_mask = t > 1 || valid.is_some();
+    let mask = if needs_mask {
+        let mut m = vec![0f32; b * t * total];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..total {
+                    let causal = j <= past + i;
+                    let real = valid.as_ref().is_none_or(|v| v[r][j] > 0.5);
+                    if !(causal && real) {
+                        m[(r * t + i) * total + j] = MASKED;
+                    }
+                }
+            }
+        }
+        Some(Tensor::from_vec(m, (b, 1, t, total), device)?)
+    } else {
+        None
+    };
+    Ok((positions, mask))
+}
