@@ -4,4 +4,10 @@
 //! `load → inspect → [prune] → eval(before) → attach → finetune → eval(after) → export`;
 //! each stage is one module here, the model is in [`model`].
 
+pub mod cli;
+pub mod eval;
+pub mod fsx;
+pub mod inspect;
 pub mod model;
+pub mod pipeline;
+pub mod progress;

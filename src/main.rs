@@ -1,1 +1,14 @@
-fn main() {}
+//! `recover`: parse the arguments, run the library, turn errors into an exit code.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = rora::cli::Cli::parse();
+    match rora::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

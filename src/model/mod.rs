@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod hub;
 pub mod linear;
 pub mod llama;
+pub mod loss;
 pub mod mlp;
 pub mod norm;
 pub mod rope;

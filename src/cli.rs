@@ -1,0 +1,133 @@
+//! The `recover` command line: argument definitions and dispatch to the library.
+
+use crate::eval::perplexity::perplexity;
+use crate::inspect::ShapeReport;
+use crate::model::{self, ModelSource};
+use crate::pipeline;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Win back the accuracy a pruned LLaMA-architecture model lost, with RoRA adapters.
+///
+/// Run a whole recovery pipeline with `recover --pipeline FILE.yaml`, or use one of the
+/// commands below on their own. Model sources everywhere are a Hugging Face folder
+/// (config.json, safetensors, tokenizer.json), a llama.cpp `.gguf` file, or
+/// `hf:org/name[@revision]` from the Hugging Face cache.
+#[derive(Debug, Parser)]
+#[command(name = "recover", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// The pipeline to run (YAML: name, seed, device, dtype, run_dir, stages).
+    #[arg(long, value_name = "FILE.yaml")]
+    pub pipeline: Option<PathBuf>,
+
+    /// Override a pipeline value: `seed=7`, `load.model=DIR`, `ppl.max_len=128`,
+    /// `stages.2.label=x`. The value is parsed as YAML. Repeatable.
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE", requires = "pipeline")]
+    pub set: Vec<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the shape report of a model: per-layer heads, widths and parameters.
+    Inspect(InspectArgs),
+    /// Perplexity of a model on a text file.
+    Ppl(PplArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model source: folder, .gguf, or hf:org/name.
+    pub model: String,
+    /// Dense reference config (config.json, folder, .gguf or hub id) for pruning ratios.
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// dtype to load in (sets the byte count of the report): f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PplArgs {
+    /// Model source: folder, .gguf, or hf:org/name.
+    #[arg(long)]
+    pub model: String,
+    /// UTF-8 text file to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Chunk length in tokens (including BOS when it is prepended).
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Prepend the BOS token to every chunk.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub bos: bool,
+    /// Chunks per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match (cli.command, cli.pipeline) {
+        (Some(Command::Inspect(a)), _) => inspect(a),
+        (Some(Command::Ppl(a)), _) => ppl(a),
+        (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set).map(|_| ()),
+        (None, None) => {
+            bail!("nothing to do: give --pipeline FILE.yaml or a command (see `recover --help`)")
+        }
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let source = ModelSource::parse(&a.model)?;
+    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    let reference = match &a.reference {
+        Some(r) => Some((
+            r.as_str(),
+            model::read_config_only(r).context("--reference")?,
+        )),
+        None => None,
+    };
+    let report = ShapeReport::build(&loaded, reference.as_ref().map(|(s, c)| (*s, c)));
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_markdown());
+    }
+    Ok(())
+}
+
+fn ppl(a: PplArgs) -> Result<()> {
+    let source = ModelSource::parse(&a.model)?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("cannot read --text {}", a.text.display()))?;
+    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    let report = perplexity(
+        &loaded.model,
+        &loaded.tokenizer,
+        &text,
+        &a.text.display().to_string(),
+        a.max_len,
+        a.bos,
+        a.batch_size,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_markdown());
+    }
+    Ok(())
+}

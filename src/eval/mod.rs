@@ -1,0 +1,3 @@
+//! Evaluation: language-modelling perplexity (and, later, the commonsense tasks).
+
+pub mod perplexity;

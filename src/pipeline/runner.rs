@@ -1,0 +1,164 @@
+//! Runs a pipeline's stages in order inside its run folder.
+
+use super::run_dir::{now_rfc3339, RunDir};
+use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
+use crate::eval::perplexity::perplexity;
+use crate::fsx;
+use crate::inspect::ShapeReport;
+use crate::model::{self, LoadedModel, ModelSource};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// What the stages share while a pipeline runs.
+pub struct RunContext {
+    pub spec: PipelineSpec,
+    pub run: RunDir,
+    pub device: Device,
+    pub dtype: DType,
+    pub model: Option<LoadedModel>,
+}
+
+impl RunContext {
+    fn model(&self, stage: &str) -> Result<&LoadedModel> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
+    }
+}
+
+/// Runs the pipeline in `file` with `--set` overrides; returns the run folder.
+pub fn run_pipeline(file: &Path, overrides: &[String]) -> Result<PathBuf> {
+    let spec = PipelineSpec::from_file(file, overrides)?;
+    preflight(&spec).with_context(|| format!("pipeline {}", file.display()))?;
+    let device = make_device(&spec)?;
+    let run = RunDir::create(&spec, file)?;
+    let mut ctx = RunContext {
+        dtype: spec.dtype.dtype(),
+        spec,
+        run,
+        device,
+        model: None,
+    };
+    let stages = ctx.spec.stages.clone();
+    let total = stages.len();
+    let mut outcome = Ok(());
+    for (i, stage) in stages.iter().enumerate() {
+        eprintln!("[{}/{total}] {}", i + 1, stage.name());
+        let started_at = now_rfc3339();
+        let t0 = std::time::Instant::now();
+        if let Err(e) = run_stage(stage, &mut ctx) {
+            outcome = Err(e.context(format!("stage `{}` (stages[{i}]) failed", stage.name())));
+            break;
+        }
+        ctx.run
+            .record_stage(i, stage.name(), started_at, t0.elapsed().as_secs_f64())?;
+    }
+    match outcome {
+        Ok(()) => {
+            ctx.run.finish(None)?;
+            eprintln!("run folder: {}", ctx.run.path().display());
+            Ok(ctx.run.path().to_path_buf())
+        }
+        Err(e) => {
+            ctx.run.finish(Some(format!("{e:#}")))?;
+            ctx.run.discard_if_empty_run();
+            Err(e)
+        }
+    }
+}
+
+/// Checks what can be checked without loading anything, so that bad input fails before
+/// a run folder exists.
+fn preflight(spec: &PipelineSpec) -> Result<()> {
+    for (i, stage) in spec.stages.iter().enumerate() {
+        match stage {
+            Stage::Load(l) => {
+                ModelSource::parse(&l.model).with_context(|| format!("stages[{i}].load.model"))?;
+            }
+            Stage::Ppl(p) if !p.text.is_file() => {
+                bail!("stages[{i}].ppl.text: {} is not a file", p.text.display());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn make_device(spec: &PipelineSpec) -> Result<Device> {
+    match spec.device {
+        super::spec::DeviceKind::Cpu => Ok(Device::Cpu),
+        super::spec::DeviceKind::Cuda => {
+            Ok(Device::new_cuda(0).context("cannot open CUDA device 0")?)
+        }
+    }
+}
+
+fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
+    match stage {
+        Stage::Load(l) => {
+            let source = ModelSource::parse(&l.model)?;
+            let loaded = model::load(&source, ctx.dtype, &ctx.device)?;
+            eprintln!(
+                "loaded {source}: {} layers, hidden {}, vocab {}",
+                loaded.model.num_layers(),
+                loaded.model.config.hidden_size,
+                loaded.model.config.vocab_size
+            );
+            ctx.model = Some(loaded);
+            Ok(())
+        }
+        Stage::Inspect(spec) => run_inspect(spec.as_ref().cloned().unwrap_or_default(), ctx),
+        Stage::Ppl(spec) => run_ppl(spec, ctx),
+        other => bail!("stage `{}` is not available in this version", other.name()),
+    }
+}
+
+fn labelled(base: &str, label: Option<&str>, ext: &str) -> String {
+    match label {
+        Some(l) => format!("{base}-{l}.{ext}"),
+        None => format!("{base}.{ext}"),
+    }
+}
+
+fn run_inspect(spec: InspectSpec, ctx: &mut RunContext) -> Result<()> {
+    let loaded = ctx.model("inspect")?;
+    let reference = match &spec.reference {
+        Some(r) => Some((
+            r.as_str(),
+            model::read_config_only(r).context("inspect.reference")?,
+        )),
+        None => None,
+    };
+    let report = ShapeReport::build(loaded, reference.as_ref().map(|(s, c)| (*s, c)));
+    let md = report.to_markdown();
+    let label = spec.label.as_deref();
+    fsx::write_json(&ctx.run.file(&labelled("inspect", label, "json")), &report)?;
+    fsx::atomic_write(
+        &ctx.run.file(&labelled("inspect", label, "md")),
+        md.as_bytes(),
+    )?;
+    println!("{md}");
+    Ok(())
+}
+
+fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
+    let loaded = ctx.model("ppl")?;
+    let text = std::fs::read_to_string(&spec.text)
+        .with_context(|| format!("cannot read ppl.text {}", spec.text.display()))?;
+    let report = perplexity(
+        &loaded.model,
+        &loaded.tokenizer,
+        &text,
+        &spec.text.display().to_string(),
+        spec.max_len,
+        spec.bos,
+        spec.batch_size,
+    )?;
+    let md = report.to_markdown();
+    let label = spec.label.as_deref();
+    fsx::write_json(&ctx.run.file(&labelled("ppl", label, "json")), &report)?;
+    fsx::atomic_write(&ctx.run.file(&labelled("ppl", label, "md")), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! The pipeline file: a typed YAML spec. Unknown keys are errors that name the key, its
+//! line and the keys allowed; stages that this version does not have are refused before
+//! any work starts.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceKind,
+    #[serde(default)]
+    pub dtype: DtypeName,
+    /// Default: `runs/<name>`.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    pub stages: Vec<Stage>,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeName {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeName {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// One item of `stages:`, written as a one-key mapping: `- load: {model: ...}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Load(LoadSpec),
+    Inspect(Option<InspectSpec>),
+    Ppl(PplSpec),
+    // Stages of the design that this version does not have yet. Their settings are
+    // kept untyped so that the validator can name them before any work starts.
+    Prune(Value),
+    Eval(Value),
+    Attach(Value),
+    Finetune(Value),
+    Export(Value),
+}
+
+impl Stage {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::Load(_) => "load",
+            Stage::Inspect(_) => "inspect",
+            Stage::Ppl(_) => "ppl",
+            Stage::Prune(_) => "prune",
+            Stage::Eval(_) => "eval",
+            Stage::Attach(_) => "attach",
+            Stage::Finetune(_) => "finetune",
+            Stage::Export(_) => "export",
+        }
+    }
+
+    fn is_available(&self) -> bool {
+        matches!(self, Stage::Load(_) | Stage::Inspect(_) | Stage::Ppl(_))
+    }
+}
+
+pub const AVAILABLE_STAGES: &str = "load, inspect, ppl";
+const ALL_STAGES: &[&str] = &[
+    "load", "inspect", "ppl", "prune", "eval", "attach", "finetune", "export",
+];
+
+// A hand-written visitor rather than serde's enum support: the YAML crate reads enums
+// from `!tags`, while pipelines write each stage as a one-key mapping. Reading the
+// settings with `next_value` keeps the YAML crate's line numbers in errors.
+impl<'de> Deserialize<'de> for Stage {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct StageVisitor;
+        impl<'de> serde::de::Visitor<'de> for StageVisitor {
+            type Value = Stage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a stage written as `- NAME: {{settings}}`, NAME one of {}",
+                    ALL_STAGES.join(", ")
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Stage, A::Error> {
+                use serde::de::Error;
+                let name: String = map
+                    .next_key()?
+                    .ok_or_else(|| A::Error::custom("empty stage; write `- NAME: {settings}`"))?;
+                let stage = match name.as_str() {
+                    "load" => Stage::Load(map.next_value()?),
+                    "inspect" => Stage::Inspect(map.next_value()?),
+                    "ppl" => Stage::Ppl(map.next_value()?),
+                    "prune" => Stage::Prune(map.next_value()?),
+                    "eval" => Stage::Eval(map.next_value()?),
+                    "attach" => Stage::Attach(map.next_value()?),
+                    "finetune" => Stage::Finetune(map.next_value()?),
+                    "export" => Stage::Export(map.next_value()?),
+                    other => return Err(A::Error::unknown_variant(other, ALL_STAGES)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(A::Error::custom(format!(
+                        "stage `{name}` has a second key `{extra}` at the same level; each list item \
+                         is one stage (`- {name}:` then its settings indented below it)"
+                    )));
+                }
+                Ok(stage)
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> std::result::Result<Stage, E> {
+                // `- inspect` with no settings.
+                match name {
+                    "inspect" => Ok(Stage::Inspect(None)),
+                    other if ALL_STAGES.contains(&other) => Err(E::custom(format!(
+                        "stage `{other}` needs settings: write `- {other}:` and its keys below it"
+                    ))),
+                    other => Err(E::unknown_variant(other, ALL_STAGES)),
+                }
+            }
+        }
+        de.deserialize_any(StageVisitor)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSpec {
+    /// A Hugging Face folder, a `.gguf` file, or `hf:org/name[@revision]`.
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectSpec {
+    /// The dense model's config (a config.json, a model folder, a .gguf or a hub id), for
+    /// pruning ratios.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Suffix of the report files (`inspect-<label>.json`); default `inspect.json`.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PplSpec {
+    /// A UTF-8 text file.
+    pub text: PathBuf,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_true")]
+    pub bos: bool,
+    #[serde(default = "default_ppl_batch")]
+    pub batch_size: usize,
+    /// Suffix of the report files (`ppl-<label>.json`); default `ppl.json`.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+pub fn default_max_len() -> usize {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+fn default_ppl_batch() -> usize {
+    4
+}
+
+impl PipelineSpec {
+    /// Reads, expands `${VAR:-default}`, applies `--set key.path=value` overrides and
+    /// validates a pipeline file.
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        Self::from_yaml(&text, overrides)
+            .with_context(|| format!("invalid pipeline {}", path.display()))
+    }
+
+    pub fn from_yaml(text: &str, overrides: &[String]) -> Result<Self> {
+        // First pass straight from the text, so that errors carry line numbers.
+        let _: PipelineSpec = serde_yaml_ng::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        // Second pass through a value tree, where variables expand and overrides apply.
+        let mut value: Value = serde_yaml_ng::from_str(text)?;
+        value.apply_merge()?;
+        expand_env(&mut value)?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let spec: PipelineSpec = serde_yaml_ng::from_value(value)
+            .map_err(|e| anyhow!("after applying --set {}: {e}", overrides.join(" --set ")))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.contains(['/', '\\']) {
+            bail!("`name` must be a non-empty name without slashes (it names the run folder)");
+        }
+        if self.stages.is_empty() {
+            bail!("`stages` is empty; a pipeline needs at least a `load` stage");
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            if !stage.is_available() {
+                bail!(
+                    "stage `{}` is not available in this version (stages[{i}]); available stages: \
+                     {AVAILABLE_STAGES}",
+                    stage.name()
+                );
+            }
+        }
+        if !matches!(self.stages[0], Stage::Load(_)) {
+            bail!(
+                "the first stage must be `load` (stages[0] is `{}`)",
+                self.stages[0].name()
+            );
+        }
+        if let Some(i) = self
+            .stages
+            .iter()
+            .skip(1)
+            .position(|s| matches!(s, Stage::Load(_)))
+        {
+            bail!(
+                "`load` may appear only once, as the first stage (found again at stages[{}])",
+                i + 1
+            );
+        }
+        if self.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+            bail!("device `cuda` needs a build with `--features cuda`; this build is CPU-only");
+        }
+        for stage in &self.stages {
+            if let Stage::Ppl(p) = stage {
+                if p.max_len < 2 {
+                    bail!("ppl.max_len must be at least 2 (got {})", p.max_len);
+                }
+                if p.batch_size == 0 {
+                    bail!("ppl.batch_size must be at least 1");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in every string of the tree.
+fn expand_env(value: &mut Value) -> Result<()> {
+    match value {
+        Value::String(s) if s.contains("${") => *s = expand_str(s)?,
+        Value::Sequence(items) => items.iter_mut().try_for_each(expand_env)?,
+        Value::Mapping(map) => map.values_mut().try_for_each(expand_env)?,
+        Value::Tagged(t) => expand_env(&mut t.value)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| anyhow!("unclosed `${{` in `{s}`"))?
+            + start;
+        let inner = &rest[start + 2..end];
+        let (var, default) = match inner.split_once(":-") {
+            Some((v, d)) => (v, Some(d)),
+            None => (inner, None),
+        };
+        match (std::env::var(var).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => bail!(
+                "`{s}` uses ${{{var}}} but {var} is not set; set it or write ${{{var}:-default}}"
+            ),
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// `key.path=value`. The first part is a top-level key (`seed`), a stage name (every
+/// stage of that name: `eval.limit=10`) or `stages.N`; the value is parsed as YAML.
+pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set `{assignment}` must look like key.path=value"))?;
+    let new_value: Value =
+        serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set `{assignment}`: the key path `{path}` has an empty part");
+    }
+    let top = root
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow!("the pipeline is not a mapping"))?;
+    let head = parts[0];
+    if parts.len() == 1 {
+        top.insert(Value::String(head.to_string()), new_value);
+        return Ok(());
+    }
+    let stages = top
+        .get_mut("stages")
+        .and_then(Value::as_sequence_mut)
+        .ok_or_else(|| anyhow!("the pipeline has no `stages` list"))?;
+    let mut targets: Vec<&mut Value> = Vec::new();
+    let rest: &[&str];
+    if head == "stages" {
+        let idx: usize = parts[1]
+            .parse()
+            .map_err(|_| anyhow!("--set `{assignment}`: after `stages.` comes a stage index"))?;
+        let n = stages.len();
+        let stage = stages.get_mut(idx).ok_or_else(|| {
+            anyhow!("--set `{assignment}`: there is no stages[{idx}] ({n} stages)")
+        })?;
+        let body = stage
+            .as_mapping_mut()
+            .and_then(|m| m.values_mut().next())
+            .ok_or_else(|| anyhow!("stages[{idx}] is not a one-key mapping"))?;
+        targets.push(body);
+        rest = &parts[2..];
+    } else {
+        for stage in stages.iter_mut() {
+            if let Some(body) = stage.as_mapping_mut().and_then(|m| m.get_mut(head)) {
+                targets.push(body);
+            }
+        }
+        if targets.is_empty() {
+            bail!("--set `{assignment}`: `{head}` is neither a top-level key nor a stage of this pipeline");
+        }
+        rest = &parts[1..];
+    }
+    if rest.is_empty() {
+        bail!("--set `{assignment}`: name a setting inside the stage, e.g. {head}.KEY=VALUE");
+    }
+    for body in targets {
+        set_path(body, rest, new_value.clone())?;
+    }
+    Ok(())
+}
+
+fn set_path(node: &mut Value, path: &[&str], value: Value) -> Result<()> {
+    if node.is_null() {
+        *node = Value::Mapping(Default::default());
+    }
+    let map = node
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow!("`{}` is not a mapping, cannot set a key inside it", path[0]))?;
+    if path.len() == 1 {
+        map.insert(Value::String(path[0].to_string()), value);
+        return Ok(());
+    }
+    let child = map
+        .entry(Value::String(path[0].to_string()))
+        .or_insert(Value::Null);
+    set_path(child, &path[1..], value)
+}

@@ -1,0 +1,158 @@
+//! Helpers shared by the integration tests: where the shared data lives, and tiny
+//! random models the tests write themselves.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `$RORA_SHARED`, default `../shared` (relative to the crate root, where tests run).
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("RORA_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+pub fn stories_dir() -> PathBuf {
+    shared_dir().join("models/stories260K")
+}
+
+pub fn load_stories() -> rora::model::LoadedModel {
+    let src = rora::model::ModelSource::Folder(stories_dir());
+    rora::model::load(&src, DType::F32, &Device::Cpu).expect("stories260K loads")
+}
+
+/// One layer of a test model: query heads, key/value heads, MLP width.
+#[derive(Clone, Copy)]
+pub struct TinyLayer {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub mlp: usize,
+}
+
+/// Writes a random Llama folder (config.json, model.safetensors, stories260K's
+/// tokenizer.json) with hidden 64, head_dim 8, vocab 512 and the given layers. The
+/// config declares per-layer shapes when the layers differ.
+pub fn write_tiny_model(dir: &Path, layers: &[TinyLayer], seed: u64) {
+    let hidden = 64;
+    let head_dim = 8;
+    let vocab = 512;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut rand_t = |rows: usize, cols: usize, scale: f32| -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        rand_t(vocab, hidden, 0.5),
+    );
+    t.insert(
+        "model.norm.weight".into(),
+        (rand_t(1, hidden, 0.2).squeeze(0).unwrap() + 1.0).unwrap(),
+    );
+    for (i, l) in layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let s = 0.3;
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            rand_t(l.heads * head_dim, hidden, s),
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            rand_t(l.kv_heads * head_dim, hidden, s),
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            rand_t(l.kv_heads * head_dim, hidden, s),
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rand_t(hidden, l.heads * head_dim, s),
+        );
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            rand_t(l.mlp, hidden, s),
+        );
+        t.insert(format!("{p}.mlp.up_proj.weight"), rand_t(l.mlp, hidden, s));
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rand_t(hidden, l.mlp, s),
+        );
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(
+                format!("{p}.{n}.weight"),
+                (rand_t(1, hidden, 0.2).squeeze(0).unwrap() + 1.0).unwrap(),
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let uniform = layers
+        .windows(2)
+        .all(|w| (w[0].heads, w[0].kv_heads, w[0].mlp) == (w[1].heads, w[1].kv_heads, w[1].mlp));
+    let max = |f: fn(&TinyLayer) -> usize| layers.iter().map(f).max().unwrap();
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": max(|l| l.mlp),
+        "num_hidden_layers": layers.len(),
+        "num_attention_heads": max(|l| l.heads),
+        "num_key_value_heads": max(|l| l.kv_heads),
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "max_position_embeddings": 512
+    });
+    if !uniform {
+        config["layer_shapes"] = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "num_attention_heads": l.heads,
+                    "num_key_value_heads": l.kv_heads,
+                    "intermediate_size": l.mlp
+                })
+            })
+            .collect();
+    }
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        stories_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+}
+
+/// Token ids as a (1, t) tensor.
+pub fn ids_tensor(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
