@@ -4,6 +4,7 @@
 //! `load → inspect → [prune] → eval(before) → attach → finetune → eval(after) → export`;
 //! each stage is one module here, the model is in [`model`].
 
+pub mod adapters;
 pub mod cli;
 pub mod eval;
 pub mod fsx;

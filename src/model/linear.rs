@@ -2,6 +2,7 @@
 //! one place where an adapter hooks in, so the forward pass never changes when one is
 //! attached.
 
+use crate::adapters::Adapter;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -9,20 +10,39 @@ use candle_core::Tensor;
 pub struct Linear {
     /// (out, in), frozen.
     weight: Tensor,
+    adapter: Option<Adapter>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+        Self {
+            weight,
+            adapter: None,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    pub fn set_adapter(&mut self, adapter: Option<Adapter>) {
+        self.adapter = adapter;
+    }
+
     /// `x`: (..., in) → (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(x, &self.weight)
+        match &self.adapter {
+            None => matmul_t(x, &self.weight),
+            Some(adapter) => adapter.forward(x, &self.weight),
+        }
     }
 }
 

@@ -202,6 +202,56 @@ impl Llama {
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
+
+    /// Parameters of the base model (adapters excluded).
+    pub fn num_params(&self) -> usize {
+        let mut n = self.embed_tokens.elem_count() + self.norm.weight().elem_count();
+        n += self.lm_head.as_ref().map_or(0, Tensor::elem_count);
+        for layer in &self.layers {
+            n += layer.input_layernorm.weight().elem_count()
+                + layer.post_attention_layernorm.weight().elem_count();
+        }
+        n + self
+            .projections()
+            .map(|(_, _, l)| l.weight().elem_count())
+            .sum::<usize>()
+    }
+
+    /// Every projection as (layer, path such as `self_attn.q_proj`, linear), in layer order.
+    pub fn projections(&self) -> impl Iterator<Item = (usize, &'static str, &Linear)> {
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ]
+            .map(|(p, lin)| (i, p, lin))
+        })
+    }
+
+    /// Like [`Llama::projections`], mutable (for attaching and merging adapters).
+    pub fn projections_mut(&mut self) -> impl Iterator<Item = (usize, &'static str, &mut Linear)> {
+        self.layers.iter_mut().enumerate().flat_map(|(i, l)| {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ]
+            .map(|(p, lin)| (i, p, lin))
+        })
+    }
 }
 
 /// Position ids (b, t) and the additive attention mask (b, 1, t, past + t).

@@ -1,0 +1,41 @@
+//! LoRA / RoRA: `y = x Wᵀ + γ · dropout(x) Aᵀ Bᵀ`, with `γ = alpha / r` (LoRA) or
+//! `alpha / sqrt(r)` (RoRA, PEFT's `use_rslora`).
+
+use super::dropout::{to_f32, DropoutKey};
+use crate::model::linear::matmul_t;
+use anyhow::Result;
+use candle_core::{Tensor, Var};
+
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// (r, in), f32, trainable.
+    pub a: Var,
+    /// (out, r), f32, trainable.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    pub dropout_key: DropoutKey,
+    /// Distinguishes this adapter's dropout masks from the others'.
+    pub id: u64,
+}
+
+impl LoraAdapter {
+    /// `γ · x Aᵀ Bᵀ` for an already dropped-out `x` (..., in) → (..., out), in f32.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let down = matmul_t(&to_f32(x)?, self.a.as_tensor())?;
+        Ok((matmul_t(&down, self.b.as_tensor())? * self.scale)?)
+    }
+
+    /// `x`: (..., in) → (..., out) in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let base = matmul_t(x, weight)?;
+        let dropped = self.dropout_key.apply(x, self.dropout, self.id)?;
+        let delta = self.delta(&dropped)?;
+        Ok((base + delta.to_dtype(x.dtype())?)?)
+    }
+
+    /// `γ · B A`, (out, in), f32.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?)
+    }
+}

@@ -1,0 +1,279 @@
+//! Adapters: scaling, identity at init, gradients against finite differences, merging.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use rand::{Rng, SeedableRng};
+use rora::adapters::{self, dropout::DropoutKey, AttachSpec, Method};
+use rora::model::loss::masked_mean_nll;
+use rora::model::{safetensors_dir, Llama};
+
+fn spec(method: Method, rank: usize, alpha: f64) -> AttachSpec {
+    serde_yaml_ng::from_str(&format!(
+        "method: {}\nrank: {rank}\nalpha: {alpha}\ndropout: 0.0",
+        method_name(method)
+    ))
+    .unwrap()
+}
+
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Lora => "lora",
+        Method::Rora => "rora",
+        Method::Dora => "dora",
+        Method::RoraDora => "rora_dora",
+    }
+}
+
+const ALL: [Method; 4] = [Method::Lora, Method::Rora, Method::Dora, Method::RoraDora];
+
+#[test]
+fn scaling_is_alpha_over_r_for_lora_and_alpha_over_sqrt_r_for_rora() {
+    for (rank, lora, rora) in [(4, 4.0, 8.0), (16, 1.0, 4.0), (64, 0.25, 2.0)] {
+        assert_eq!(Method::Lora.scaling(16.0, rank), lora);
+        assert_eq!(Method::Dora.scaling(16.0, rank), lora);
+        assert_eq!(Method::Rora.scaling(16.0, rank), rora);
+        assert_eq!(Method::RoraDora.scaling(16.0, rank), rora);
+        // And the attached adapters carry exactly that γ.
+        for method in ALL {
+            let mut m = load_stories().model;
+            adapters::attach(&mut m, &spec(method, rank, 16.0), 0, &DropoutKey::default()).unwrap();
+            let (_, _, lin) = m.projections().next().unwrap();
+            assert_eq!(
+                lin.adapter().unwrap().lora().scale,
+                method.scaling(16.0, rank)
+            );
+        }
+    }
+}
+
+#[test]
+fn fresh_adapters_leave_logits_unchanged() {
+    let base = load_stories();
+    let ids = ids_tensor(
+        &base
+            .tokenizer
+            .encode("Once upon a time, there was a cat", true)
+            .unwrap(),
+    );
+    let before = base.model.forward(&ids, None, None).unwrap();
+    for method in ALL {
+        let mut m = base.model.clone();
+        let mut s = spec(method, 8, 16.0);
+        s.targets = adapters::MODULES.map(String::from).to_vec();
+        let report = adapters::attach(&mut m, &s, 3, &DropoutKey::default()).unwrap();
+        assert_eq!(report.adapted_modules, 35);
+        let after = m.forward(&ids, None, None).unwrap();
+        let diff = max_abs_diff(&before, &after);
+        assert!(diff < 1e-6, "{method:?}: {diff}");
+    }
+}
+
+#[test]
+fn attach_reports_trainable_parameters_like_peft() {
+    let mut m = load_stories().model;
+    let r = adapters::attach(
+        &mut m,
+        &spec(Method::Dora, 4, 8.0),
+        0,
+        &DropoutKey::default(),
+    )
+    .unwrap();
+    // Per layer with default targets q,k,v,up,down (hidden 64, kv 32, MLP 172), rank 4:
+    // A+B = 4·(64+64) + 4·(64+32)·2 + 4·(64+172)·2 = 512 + 768 + 1888 = 3168,
+    // magnitudes 64 + 32 + 32 + 172 + 64 = 364; 5 layers.
+    assert_eq!(r.trainable_params, 5 * (3168 + 364));
+    assert_eq!(r.model_params, 260_032);
+    assert!((r.trainable_percent - 100.0 * 17_660.0 / 260_032.0).abs() < 1e-9);
+}
+
+/// A tiny two-layer non-uniform model with adapters whose B (and magnitude) are random,
+/// so that every gradient is non-zero.
+fn adapted_tiny(method: Method) -> Llama {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_model(
+        tmp.path(),
+        &[
+            TinyLayer {
+                heads: 8,
+                kv_heads: 4,
+                mlp: 96,
+            },
+            TinyLayer {
+                heads: 4,
+                kv_heads: 2,
+                mlp: 64,
+            },
+        ],
+        5,
+    );
+    let cfg = safetensors_dir::read_config(tmp.path()).unwrap();
+    let w = safetensors_dir::read_weights(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    let mut model = Llama::from_weights(cfg, &w).unwrap();
+    adapters::attach(&mut model, &spec(method, 4, 8.0), 1, &DropoutKey::default()).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for (name, var) in adapters::trainable_vars(&model) {
+        if name.ends_with("lora_B.weight") {
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.random_range(-0.2..0.2))
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        if name.ends_with("lora_magnitude_vector") {
+            var.set(&(var.as_tensor() * 1.3).unwrap()).unwrap();
+        }
+    }
+    model
+}
+
+const IDS: [u32; 9] = [1, 45, 300, 7, 99, 12, 401, 3, 250];
+
+fn loss(model: &Llama) -> Tensor {
+    let logits = model.forward(&ids_tensor(&IDS), None, None).unwrap();
+    let n = IDS.len() - 1;
+    let mask = Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap();
+    masked_mean_nll(
+        &logits.narrow(1, 0, n).unwrap(),
+        &ids_tensor(&IDS[1..]),
+        &mask,
+    )
+    .unwrap()
+    .0
+}
+
+/// ‖g − fd‖ / ‖fd‖ over the 6 coordinates of `var` with the largest gradient `g`, with
+/// central differences of `f` (eps 1e-2: the f32 loss has rounding error ~1e-6, so the
+/// quotient's rounding is ~1e-4 relative, and the truncation error ~eps² is as small).
+fn fd_error(var: &candle_core::Var, g: &Tensor, f: impl Fn() -> f64) -> f64 {
+    let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let x0: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+    let (mut num, mut den) = (0f64, 0f64);
+    for &i in order.iter().take(6) {
+        let eval = |delta: f32| {
+            let mut x = x0.clone();
+            x[i] += delta;
+            var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let l = f();
+            var.set(&Tensor::from_vec(x0.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            l
+        };
+        let fd = (eval(1e-2) - eval(-1e-2)) / 2e-2;
+        num += (g[i] as f64 - fd).powi(2);
+        den += fd.powi(2);
+    }
+    (num / den).sqrt()
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_and_base_gets_none() {
+    // Through the whole model. DoRA's A and B are checked per layer below: its backward
+    // treats the norm as constant, so the whole-model loss is not the function it
+    // differentiates; its magnitude does not enter the norm and is checked here.
+    for method in [Method::Lora, Method::Rora, Method::Dora] {
+        let model = adapted_tiny(method);
+        let grads = loss(&model).backward().unwrap();
+        for (_, _, lin) in model.projections() {
+            assert!(
+                grads.get(lin.weight()).is_none(),
+                "a frozen base weight got a gradient"
+            );
+        }
+        assert!(grads.get(&model.embed_tokens).is_none());
+        let suffixes: &[&str] = if method.is_dora() {
+            &["lora_magnitude_vector"]
+        } else {
+            &["lora_A.weight", "lora_B.weight"]
+        };
+        let vars = adapters::trainable_vars(&model);
+        for layer in ["layers.0.self_attn.v_proj", "layers.1.mlp.down_proj"] {
+            for suffix in suffixes {
+                let (name, var) = vars
+                    .iter()
+                    .find(|(n, _)| n.contains(layer) && n.ends_with(suffix))
+                    .unwrap();
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let err = fd_error(var, g, || loss(&model).to_scalar::<f32>().unwrap() as f64);
+                println!("{method:?} {name}: relative error {err:.2e}");
+                assert!(err < 1e-2, "{method:?} {name}: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
+    let model = adapted_tiny(Method::Dora);
+    let (_, _, lin) = model
+        .projections()
+        .find(|(l, p, _)| *l == 1 && *p == "mlp.up_proj")
+        .unwrap();
+    let rora::adapters::Adapter::Dora(dora) = lin.adapter().unwrap() else {
+        panic!("not DoRA")
+    };
+    let w = lin.weight();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut rand_t = |shape: (usize, usize)| {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let x = rand_t((5, 64));
+    let probe = rand_t((5, w.dim(0).unwrap()));
+    let norm0 = dora.weight_norm(w).unwrap();
+    let objective = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap();
+    let grads = objective(dora.forward(&x, w).unwrap()).backward().unwrap();
+    for (name, var) in [
+        ("lora_A", &dora.lora.a),
+        ("lora_B", &dora.lora.b),
+        ("magnitude", &dora.magnitude),
+    ] {
+        let g = grads.get(var.as_tensor()).unwrap();
+        let err = fd_error(var, g, || {
+            objective(dora.forward_with_norm(&x, w, &norm0).unwrap())
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        });
+        println!("DoRA layer {name}: relative error {err:.2e}");
+        assert!(err < 1e-2, "DoRA {name}: relative error {err}");
+    }
+}
+
+#[test]
+fn merged_weights_reproduce_the_adapted_model() {
+    for method in ALL {
+        let mut model = adapted_tiny(method);
+        let adapted = model.forward(&ids_tensor(&IDS), None, None).unwrap();
+        adapters::merge::merge_into_base(&mut model).unwrap();
+        assert!(model.projections().all(|(_, _, l)| l.adapter().is_none()));
+        let merged = model.forward(&ids_tensor(&IDS), None, None).unwrap();
+        let diff = max_abs_diff(&adapted, &merged);
+        // f32 reassociation ((xW + xΔ) vs x(W + Δ)) over logits of size ~10: ~1e-5.
+        assert!(diff < 1e-4, "{method:?}: {diff}");
+    }
+}
+
+#[test]
+fn dropout_is_reproducible_per_key_and_off_in_eval() {
+    let key = DropoutKey::default();
+    let x = Tensor::ones((4, 64), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&key.apply(&x, 0.5, 3).unwrap(), &x), 0.0);
+    key.set_train(17);
+    let a = key.apply(&x, 0.5, 3).unwrap();
+    let b = key.apply(&x, 0.5, 3).unwrap();
+    let c = key.apply(&x, 0.5, 4).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(max_abs_diff(&a, &c) > 0.0);
+    let vals: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(vals.iter().all(|&v| v == 0.0 || v == 2.0));
+    let kept = vals.iter().filter(|&&v| v > 0.0).count();
+    assert!((80..=176).contains(&kept), "{kept} of 256 kept at p = 0.5");
+}
