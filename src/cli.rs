@@ -27,6 +27,10 @@ pub struct Cli {
     #[arg(long = "set", value_name = "KEY.PATH=VALUE", requires = "pipeline")]
     pub set: Vec<String>,
 
+    /// Continue fine-tuning from the newest checkpoint in the run folder.
+    #[arg(long, requires = "pipeline")]
+    pub resume: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -37,6 +41,30 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Perplexity of a model on a text file.
     Ppl(PplArgs),
+    /// Continue a prompt (greedy, or sampled with --temperature).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model source: folder, .gguf, or hf:org/name.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of samples (each with seed, seed+1, ...), separated by blank lines.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -84,7 +112,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match (cli.command, cli.pipeline) {
         (Some(Command::Inspect(a)), _) => inspect(a),
         (Some(Command::Ppl(a)), _) => ppl(a),
-        (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set).map(|_| ()),
+        (Some(Command::Generate(a)), _) => generate(a),
+        (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set, cli.resume).map(|_| ()),
         (None, None) => {
             bail!("nothing to do: give --pipeline FILE.yaml or a command (see `recover --help`)")
         }
@@ -128,6 +157,28 @@ fn ppl(a: PplArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", report.to_markdown());
+    }
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let source = ModelSource::parse(&a.model)?;
+    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    let prompt = loaded.tokenizer.encode(&a.prompt, true)?;
+    for i in 0..a.samples {
+        let sampling = crate::eval::generate::Sampling {
+            temperature: a.temperature,
+            seed: a.seed + i as u64,
+        };
+        let new = crate::eval::generate::generate(
+            &loaded.model,
+            &prompt,
+            a.max_new_tokens,
+            loaded.tokenizer.eos_ids(),
+            sampling,
+        )?;
+        let all: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+        println!("{}\n", loaded.tokenizer.decode(&all)?);
     }
     Ok(())
 }

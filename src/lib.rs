@@ -12,3 +12,6 @@ pub mod inspect;
 pub mod model;
 pub mod pipeline;
 pub mod progress;
+pub mod prompt;
+pub mod report;
+pub mod train;

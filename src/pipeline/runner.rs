@@ -2,10 +2,12 @@
 
 use super::run_dir::{now_rfc3339, RunDir};
 use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
+use crate::adapters::{self, dropout::DropoutKey, AttachSpec};
 use crate::eval::perplexity::perplexity;
 use crate::fsx;
 use crate::inspect::ShapeReport;
 use crate::model::{self, LoadedModel, ModelSource};
+use crate::train::{self, data::expand_globs, FinetuneSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,10 @@ pub struct RunContext {
     pub device: Device,
     pub dtype: DType,
     pub model: Option<LoadedModel>,
+    /// Shared by every adapter: the trainer switches dropout on and off through it.
+    pub dropout: DropoutKey,
+    /// Continue fine-tuning from the newest checkpoint in the run folder.
+    pub resume: bool,
 }
 
 impl RunContext {
@@ -25,10 +31,16 @@ impl RunContext {
             .as_ref()
             .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
     }
+
+    fn model_mut(&mut self, stage: &str) -> Result<&mut LoadedModel> {
+        self.model
+            .as_mut()
+            .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
+    }
 }
 
 /// Runs the pipeline in `file` with `--set` overrides; returns the run folder.
-pub fn run_pipeline(file: &Path, overrides: &[String]) -> Result<PathBuf> {
+pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<PathBuf> {
     let spec = PipelineSpec::from_file(file, overrides)?;
     preflight(&spec).with_context(|| format!("pipeline {}", file.display()))?;
     let device = make_device(&spec)?;
@@ -39,6 +51,8 @@ pub fn run_pipeline(file: &Path, overrides: &[String]) -> Result<PathBuf> {
         run,
         device,
         model: None,
+        dropout: DropoutKey::default(),
+        resume,
     };
     let stages = ctx.spec.stages.clone();
     let total = stages.len();
@@ -79,6 +93,10 @@ fn preflight(spec: &PipelineSpec) -> Result<()> {
             Stage::Ppl(p) if !p.text.is_file() => {
                 bail!("stages[{i}].ppl.text: {} is not a file", p.text.display());
             }
+            Stage::Finetune(f) => {
+                expand_globs(&f.data, &format!("stages[{i}].finetune.data"))?;
+                expand_globs(&f.text, &format!("stages[{i}].finetune.text"))?;
+            }
             _ => {}
         }
     }
@@ -110,6 +128,8 @@ fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
         }
         Stage::Inspect(spec) => run_inspect(spec.as_ref().cloned().unwrap_or_default(), ctx),
         Stage::Ppl(spec) => run_ppl(spec, ctx),
+        Stage::Attach(spec) => run_attach(spec, ctx),
+        Stage::Finetune(spec) => run_finetune(spec, ctx),
         other => bail!("stage `{}` is not available in this version", other.name()),
     }
 }
@@ -161,4 +181,48 @@ fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
     fsx::atomic_write(&ctx.run.file(&labelled("ppl", label, "md")), md.as_bytes())?;
     println!("{md}");
     Ok(())
+}
+
+fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
+    let (seed, dropout) = (ctx.spec.seed, ctx.dropout.clone());
+    let loaded = ctx.model_mut("attach")?;
+    let report = adapters::attach(&mut loaded.model, spec, seed, &dropout)?;
+    eprintln!(
+        "attached {:?} (rank {}, alpha {}, γ = {:.4}) to {} projections: {} trainable parameters \
+         ({:.3}% of {})",
+        report.method,
+        report.rank,
+        report.alpha,
+        report.scaling,
+        report.adapted_modules,
+        report.trainable_params,
+        report.trainable_percent,
+        report.model_params
+    );
+    fsx::write_json(&ctx.run.file("attach.json"), &report)
+}
+
+fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
+    let loaded = ctx.model("finetune")?;
+    let report = train::finetune(
+        &loaded.model,
+        &loaded.tokenizer,
+        spec,
+        ctx.spec.seed,
+        ctx.run.path(),
+        &ctx.dropout,
+        ctx.resume,
+    )?;
+    eprintln!(
+        "finetune: {} of {} steps, loss {:.4} → {:.4}{}, {:.0} tokens/s",
+        report.steps,
+        report.total_steps,
+        report.first_loss.unwrap_or(f64::NAN),
+        report.last_loss.unwrap_or(f64::NAN),
+        report
+            .val_loss
+            .map_or(String::new(), |v| format!(", val loss {v:.4}")),
+        report.tokens_per_s
+    );
+    fsx::write_json(&ctx.run.file("finetune.json"), &report)
 }

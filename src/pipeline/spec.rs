@@ -2,6 +2,8 @@
 //! line and the keys allowed; stages that this version does not have are refused before
 //! any work starts.
 
+use crate::adapters::AttachSpec;
+use crate::train::FinetuneSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
@@ -61,12 +63,12 @@ pub enum Stage {
     Load(LoadSpec),
     Inspect(Option<InspectSpec>),
     Ppl(PplSpec),
+    Attach(AttachSpec),
+    Finetune(FinetuneSpec),
     // Stages of the design that this version does not have yet. Their settings are
     // kept untyped so that the validator can name them before any work starts.
     Prune(Value),
     Eval(Value),
-    Attach(Value),
-    Finetune(Value),
     Export(Value),
 }
 
@@ -85,11 +87,18 @@ impl Stage {
     }
 
     fn is_available(&self) -> bool {
-        matches!(self, Stage::Load(_) | Stage::Inspect(_) | Stage::Ppl(_))
+        matches!(
+            self,
+            Stage::Load(_)
+                | Stage::Inspect(_)
+                | Stage::Ppl(_)
+                | Stage::Attach(_)
+                | Stage::Finetune(_)
+        )
     }
 }
 
-pub const AVAILABLE_STAGES: &str = "load, inspect, ppl";
+pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, attach, finetune";
 const ALL_STAGES: &[&str] = &[
     "load", "inspect", "ppl", "prune", "eval", "attach", "finetune", "export",
 ];
@@ -207,17 +216,33 @@ impl PipelineSpec {
     }
 
     pub fn from_yaml(text: &str, overrides: &[String]) -> Result<Self> {
-        // First pass straight from the text, so that errors carry line numbers.
-        let _: PipelineSpec = serde_yaml_ng::from_str(text).map_err(|e| anyhow!("{e}"))?;
-        // Second pass through a value tree, where variables expand and overrides apply.
+        // Through a value tree: merge keys (`<<: *anchor`) resolve, variables expand and
+        // overrides apply.
         let mut value: Value = serde_yaml_ng::from_str(text)?;
         value.apply_merge()?;
         expand_env(&mut value)?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let spec: PipelineSpec = serde_yaml_ng::from_value(value)
-            .map_err(|e| anyhow!("after applying --set {}: {e}", overrides.join(" --set ")))?;
+        let spec: PipelineSpec = match serde_yaml_ng::from_value(value) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // A value tree has no line numbers: read the text directly for an error
+                // that has them, unless that error is only about merge keys.
+                if let Err(with_line) = serde_yaml_ng::from_str::<PipelineSpec>(text) {
+                    if !with_line.to_string().contains("`<<`") {
+                        return Err(anyhow!("{with_line}"));
+                    }
+                }
+                if overrides.is_empty() {
+                    return Err(anyhow!("{e}"));
+                }
+                return Err(anyhow!(
+                    "after applying --set {}: {e}",
+                    overrides.join(" --set ")
+                ));
+            }
+        };
         spec.validate()?;
         Ok(spec)
     }
@@ -257,6 +282,27 @@ impl PipelineSpec {
         }
         if self.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
             bail!("device `cuda` needs a build with `--features cuda`; this build is CPU-only");
+        }
+        let mut attached = false;
+        for (i, stage) in self.stages.iter().enumerate() {
+            match stage {
+                Stage::Attach(a) => {
+                    a.validate(None)
+                        .with_context(|| format!("stages[{i}].attach"))?;
+                    if attached {
+                        bail!("stages[{i}]: adapters are already attached by an earlier `attach` stage");
+                    }
+                    attached = true;
+                }
+                Stage::Finetune(f) => {
+                    f.validate()
+                        .with_context(|| format!("stages[{i}].finetune"))?;
+                    if !attached {
+                        bail!("stages[{i}]: `finetune` trains adapters; put an `attach` stage before it");
+                    }
+                }
+                _ => {}
+            }
         }
         for stage in &self.stages {
             if let Stage::Ppl(p) = stage {
@@ -342,8 +388,7 @@ pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
         .and_then(Value::as_sequence_mut)
         .ok_or_else(|| anyhow!("the pipeline has no `stages` list"))?;
     let mut targets: Vec<&mut Value> = Vec::new();
-    let rest: &[&str];
-    if head == "stages" {
+    let rest: &[&str] = if head == "stages" {
         let idx: usize = parts[1]
             .parse()
             .map_err(|_| anyhow!("--set `{assignment}`: after `stages.` comes a stage index"))?;
@@ -356,7 +401,7 @@ pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
             .and_then(|m| m.values_mut().next())
             .ok_or_else(|| anyhow!("stages[{idx}] is not a one-key mapping"))?;
         targets.push(body);
-        rest = &parts[2..];
+        &parts[2..]
     } else {
         for stage in stages.iter_mut() {
             if let Some(body) = stage.as_mapping_mut().and_then(|m| m.get_mut(head)) {
@@ -366,8 +411,8 @@ pub fn apply_override(root: &mut Value, assignment: &str) -> Result<()> {
         if targets.is_empty() {
             bail!("--set `{assignment}`: `{head}` is neither a top-level key nor a stage of this pipeline");
         }
-        rest = &parts[1..];
-    }
+        &parts[1..]
+    };
     if rest.is_empty() {
         bail!("--set `{assignment}`: name a setting inside the stage, e.g. {head}.KEY=VALUE");
     }

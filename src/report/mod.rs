@@ -1,0 +1,3 @@
+//! Reports: plots (SVG) shared by the stages that draw one.
+
+pub mod plot;
