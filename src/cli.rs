@@ -43,6 +43,8 @@ pub enum Command {
     Ppl(PplArgs),
     /// Continue a prompt (greedy, or sampled with --temperature).
     Generate(GenerateArgs),
+    /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +115,7 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Inspect(a)), _) => inspect(a),
         (Some(Command::Ppl(a)), _) => ppl(a),
         (Some(Command::Generate(a)), _) => generate(a),
+        (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set, cli.resume).map(|_| ()),
         (None, None) => {
             bail!("nothing to do: give --pipeline FILE.yaml or a command (see `recover --help`)")

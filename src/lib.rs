@@ -5,6 +5,7 @@
 //! each stage is one module here, the model is in [`model`].
 
 pub mod adapters;
+pub mod bench;
 pub mod cli;
 pub mod eval;
 pub mod fsx;
@@ -14,4 +15,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod prompt;
 pub mod report;
+pub mod runtime;
 pub mod train;

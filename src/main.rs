@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    rora::runtime::configure_threads();
     let cli = rora::cli::Cli::parse();
     match rora::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

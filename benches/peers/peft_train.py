@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""PyTorch + transformers + PEFT peer of `recover bench train`.
+
+The same step on the same shape: LlamaForCausalLM (hidden 512, 6 layers, 8 heads, 8 kv
+heads, MLP 1376, vocab 1000 or 32000, random init), PEFT LoRA r=8 alpha=16 dropout 0.05 on
+all 7 projections, AdamW lr 1e-4 on the adapters, batch 8 x 128 random token ids, loss on
+the shifted targets, gradient clipping at 1.0 (as rora's finetune and HF's Trainer do).
+Warm-up steps, then timed steps; the median step gives tokens/s.
+
+Prints one JSON object with the keys of `recover bench train --json` that make sense here
+(tokens_per_s, median_step_s, step_s, peak_rss_bytes, ...).
+
+    python peft_train.py [--steps 10] [--warmup 2] [--vocab 1000] [--threads 2] [--bf16]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+
+def rss_bytes(key):
+    """A kB line of /proc/self/status in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batch, seq = 8, 128
+    cfg = LlamaConfig(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1376,
+        vocab_size=args.vocab,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(cfg)  # f32 weights, untied head (LlamaConfig's default)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    ids = torch.randint(0, args.vocab, (batch, seq))
+    mask = torch.ones_like(ids)
+    rss_after_setup = rss_bytes("VmRSS")
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            # labels=ids: transformers shifts them inside (position t predicts t+1).
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    step_s, losses = [], []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            step_s.append(dt)
+            losses.append(loss)
+
+    med = statistics.median(step_s)
+    trainable = sum(p.numel() for p in params)
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peer": "pytorch+peft",
+                "dtype": "bf16-autocast" if args.bf16 else "f32",
+                "threads": torch.get_num_threads(),
+                "vocab": args.vocab,
+                "batch": batch,
+                "seq_len": seq,
+                "trainable_params": trainable,
+                "tokens_per_step": batch * seq,
+                "step_s": step_s,
+                "median_step_s": med,
+                "tokens_per_s": batch * seq / med,
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+                "rss_after_setup_bytes": rss_after_setup,
+                "peak_rss_bytes": peak,
+                "versions": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

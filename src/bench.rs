@@ -1,0 +1,462 @@
+//! `recover bench`: micro-benchmarks of the library's own building blocks.
+//!
+//! `recover bench train` times one LoRA training step exactly as the `finetune` stage runs
+//! it (forward with an attention mask, shifted next-token loss, backward, the adapters'
+//! gradients, the global gradient norm with clipping at 1.0, AdamW) on a fixed LLaMA shape
+//! with seeded random weights built in memory, so it needs no files. Its peer in PyTorch +
+//! PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
+
+use crate::adapters::{self, dropout::DropoutKey, AttachSpec, Method, MODULES};
+use crate::model::loss::masked_mean_nll;
+use crate::model::{Llama, LlamaConfig, Weights};
+use crate::train::optim::{AdamW, AdamWConfig};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Subcommand};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time LoRA training steps (forward, loss, backward, AdamW) on a fixed random model:
+    /// hidden 512, 6 layers, 8 heads, MLP 1376, batch 8 × 128 tokens, rank-8 LoRA on all 7
+    /// projections. Threads: RAYON_NUM_THREADS (default: all cores).
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Vocabulary size (32000 for a LLaMA-2-sized output head).
+    #[arg(long, default_value_t = 1000)]
+    pub vocab: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a parsed `recover bench ...` command.
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Train(a) => {
+            let spec = TrainBenchSpec {
+                steps: a.steps,
+                warmup: a.warmup,
+                vocab: a.vocab,
+                ..TrainBenchSpec::default()
+            };
+            let report = bench_train(&spec)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.to_markdown());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The benchmarked shape and schedule. The defaults are the reference benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBenchSpec {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub learning_rate: f64,
+    pub max_grad_norm: f64,
+    pub warmup: usize,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainBenchSpec {
+    fn default() -> Self {
+        Self {
+            hidden: 512,
+            layers: 6,
+            heads: 8,
+            kv_heads: 8,
+            intermediate: 1376,
+            vocab: 1000,
+            batch: 8,
+            seq_len: 128,
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            learning_rate: 1e-4,
+            max_grad_norm: 1.0,
+            warmup: 2,
+            steps: 10,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBenchReport {
+    pub spec: TrainBenchSpec,
+    /// candle's CPU thread count (RAYON_NUM_THREADS, else all cores).
+    pub threads: usize,
+    /// Base-model parameters, embeddings included.
+    pub base_params: u64,
+    /// Parameters that enter a matmul per token: the 7 projections of every layer and the
+    /// output head (the embedding lookup is not a matmul).
+    pub matmul_params: u64,
+    pub trainable_params: u64,
+    /// Tokens per step: batch × seq_len.
+    pub tokens_per_step: u64,
+    /// Wall time of every timed step, in order.
+    pub step_s: Vec<f64>,
+    pub median_step_s: f64,
+    /// tokens_per_step / median_step_s.
+    pub tokens_per_s: f64,
+    /// Useful FLOPs per token: 4·P (forward 2·P, input gradients 2·P, frozen base) plus
+    /// attention scores (12·L·T·h·hd: forward 4, backward 8) plus LoRA (6 per adapter param).
+    pub useful_flops_per_token: f64,
+    /// `useful_flops_per_token` plus the 2·P of weight gradients that candle's backward
+    /// computes for the frozen weights too (and then drops).
+    pub executed_flops_per_token: f64,
+    /// useful_flops_per_token × tokens_per_s / 1e9.
+    pub useful_gflops: f64,
+    /// executed_flops_per_token × tokens_per_s / 1e9.
+    pub executed_gflops: f64,
+    /// Loss of the first and of the last step (random data: about ln(vocab)).
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Resident set after building the model and attaching adapters, before any step.
+    pub rss_after_setup_bytes: Option<u64>,
+    /// Peak resident set of the whole process (`VmHWM`, the value getrusage's ru_maxrss gives).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl TrainBenchReport {
+    pub fn to_markdown(&self) -> String {
+        let s = &self.spec;
+        let mib = |b: Option<u64>| {
+            b.map_or("n/a".to_string(), |b| {
+                format!("{:.1} MiB", b as f64 / 1024.0 / 1024.0)
+            })
+        };
+        let steps: Vec<String> = self.step_s.iter().map(|t| format!("{t:.3}")).collect();
+        let mut out = String::new();
+        out.push_str("# recover bench train\n\n");
+        out.push_str(&format!(
+            "shape: hidden {}, {} layers, {} heads ({} kv), MLP {}, vocab {}; batch {} × {} tokens; \
+             f32; LoRA r={} alpha={} dropout={} on all 7 projections; AdamW lr {:e}; {} threads\n\n",
+            s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, s.batch, s.seq_len,
+            s.rank, s.alpha, s.dropout, s.learning_rate, self.threads
+        ));
+        out.push_str("| metric | value |\n|---|---|\n");
+        let rows = [
+            ("tokens/s", format!("{:.1}", self.tokens_per_s)),
+            ("median step", format!("{:.3} s", self.median_step_s)),
+            (
+                "steps (s)",
+                format!("{} (after {} warm-up)", steps.join(", "), s.warmup),
+            ),
+            (
+                "useful GFLOP/s (4·P + attention + LoRA)",
+                format!("{:.2}", self.useful_gflops),
+            ),
+            (
+                "executed GFLOP/s (+2·P frozen weight grads)",
+                format!("{:.2}", self.executed_gflops),
+            ),
+            (
+                "params: base / matmul P / trainable",
+                format!(
+                    "{} / {} / {}",
+                    self.base_params, self.matmul_params, self.trainable_params
+                ),
+            ),
+            (
+                "loss first → last",
+                format!("{:.4} → {:.4}", self.first_loss, self.last_loss),
+            ),
+            ("RSS after setup", mib(self.rss_after_setup_bytes)),
+            ("peak RSS", mib(self.peak_rss_bytes)),
+        ];
+        for (k, v) in rows {
+            out.push_str(&format!("| {k} | {v} |\n"));
+        }
+        out
+    }
+}
+
+/// Builds the model, attaches the adapters, and times `spec.steps` training steps after
+/// `spec.warmup` untimed ones.
+pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
+    if spec.steps == 0 {
+        bail!("bench train needs --steps of at least 1");
+    }
+    if spec.vocab < 2 || spec.seq_len < 2 {
+        bail!("bench train needs a vocabulary and a sequence of at least 2");
+    }
+    let device = Device::Cpu;
+    let mut model = random_model(spec, &device)?;
+    let base_params = model.num_params() as u64;
+    let matmul_params = (model
+        .projections()
+        .map(|(_, _, l)| l.weight().elem_count())
+        .sum::<usize>()
+        + spec.vocab * spec.hidden) as u64;
+    let dropout = DropoutKey::default();
+    let attach = AttachSpec {
+        method: Method::Lora,
+        rank: spec.rank,
+        alpha: Some(spec.alpha),
+        dropout: spec.dropout,
+        targets: MODULES.map(String::from).to_vec(),
+        layers: None,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+    };
+    let attached = adapters::attach(&mut model, &attach, spec.seed, &dropout)?;
+    let vars = adapters::trainable_vars(&model);
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+
+    // One fixed batch of random ids, unpadded: the attention mask is all ones and every
+    // shifted position is a target, as `finetune` collates a full-length batch.
+    let (b, t) = (spec.batch, spec.seq_len);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed.wrapping_add(1));
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.random_range(0..spec.vocab as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, t), &device)?;
+    let mask = Tensor::ones((b, t), candle_core::DType::U32, &device)?;
+    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    let target_mask = Tensor::ones((b, t - 1), candle_core::DType::F32, &device)?;
+    let rss_after_setup_bytes = proc_status_bytes("VmRSS");
+
+    let mut step_s = Vec::with_capacity(spec.steps);
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    for step in 0..spec.warmup + spec.steps {
+        let t0 = Instant::now();
+        dropout.set_train(spec.seed ^ ((step as u64) << 16));
+        let logits = model
+            .forward(&ids, Some(&mask), None)?
+            .narrow(1, 0, t - 1)?;
+        let (loss, _) = masked_mean_nll(&logits, &targets, &target_mask)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let g = loss.backward()?;
+        dropout.set_eval();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| {
+                g.get(v.as_tensor())
+                    .cloned()
+                    .map_or_else(|| v.zeros_like(), Ok)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        drop(g);
+        let mut norm_sq = 0f64;
+        for g in &grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let grad_norm = norm_sq.sqrt();
+        let grads: Vec<Tensor> = if spec.max_grad_norm > 0.0 && grad_norm > spec.max_grad_norm {
+            let clip = spec.max_grad_norm / (grad_norm + 1e-6);
+            grads
+                .iter()
+                .map(|g| g * clip)
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            grads
+        };
+        opt.step(&grads, spec.learning_rate)?;
+        let elapsed = t0.elapsed().as_secs_f64();
+        if !loss_value.is_finite() {
+            bail!("bench train: the loss became {loss_value} at step {step}");
+        }
+        if step >= spec.warmup {
+            step_s.push(elapsed);
+            if first_loss.is_nan() {
+                first_loss = loss_value;
+            }
+            last_loss = loss_value;
+        }
+    }
+
+    let median_step_s = median(&step_s);
+    let tokens_per_step = (b * t) as u64;
+    let tokens_per_s = tokens_per_step as f64 / median_step_s;
+    let p = matmul_params as f64;
+    let attention = 12.0 * (spec.layers * t * spec.heads * (spec.hidden / spec.heads)) as f64;
+    let lora = 6.0 * attached.trainable_params as f64;
+    let useful_flops_per_token = 4.0 * p + attention + lora;
+    let executed_flops_per_token = useful_flops_per_token + 2.0 * p;
+    Ok(TrainBenchReport {
+        spec: spec.clone(),
+        threads: candle_core::utils::get_num_threads(),
+        base_params,
+        matmul_params,
+        trainable_params: attached.trainable_params,
+        tokens_per_step,
+        step_s,
+        median_step_s,
+        tokens_per_s,
+        useful_flops_per_token,
+        executed_flops_per_token,
+        useful_gflops: useful_flops_per_token * tokens_per_s / 1e9,
+        executed_gflops: executed_flops_per_token * tokens_per_s / 1e9,
+        first_loss,
+        last_loss,
+        rss_after_setup_bytes,
+        peak_rss_bytes: proc_status_bytes("VmHWM"),
+    })
+}
+
+/// The benchmark's model: Hugging Face `LlamaForCausalLM` defaults (untied head, RMSNorm
+/// eps 1e-6, RoPE theta 10000), weights ~ N(0, 0.02²) from a seeded ChaCha stream, norms 1.
+fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
+    if spec.heads == 0 || spec.kv_heads == 0 || !spec.hidden.is_multiple_of(spec.heads) {
+        bail!("bench train: hidden must be a multiple of the head count");
+    }
+    let config = LlamaConfig::from_json_str(
+        &serde_json::json!({
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "vocab_size": spec.vocab,
+            "max_position_embeddings": spec.seq_len.max(512),
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": false,
+        })
+        .to_string(),
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
+    let (h, hd) = (spec.hidden, spec.hidden / spec.heads);
+    let mut map = BTreeMap::new();
+    let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                // Box–Muller, std 0.02 (Hugging Face's initializer_range).
+                let u1: f64 = 1.0 - rng.random::<f64>();
+                let u2: f64 = rng.random::<f64>();
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (rows, cols), device)?)
+    };
+    map.insert(
+        "model.embed_tokens.weight".to_string(),
+        normal(spec.vocab, h)?,
+    );
+    for l in 0..spec.layers {
+        let p = format!("model.layers.{l}");
+        let shapes = [
+            ("self_attn.q_proj", spec.heads * hd, h),
+            ("self_attn.k_proj", spec.kv_heads * hd, h),
+            ("self_attn.v_proj", spec.kv_heads * hd, h),
+            ("self_attn.o_proj", h, spec.heads * hd),
+            ("mlp.gate_proj", spec.intermediate, h),
+            ("mlp.up_proj", spec.intermediate, h),
+            ("mlp.down_proj", h, spec.intermediate),
+        ];
+        for (name, rows, cols) in shapes {
+            map.insert(format!("{p}.{name}.weight"), normal(rows, cols)?);
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            map.insert(
+                format!("{p}.{norm}.weight"),
+                Tensor::ones(h, candle_core::DType::F32, device)?,
+            );
+        }
+    }
+    map.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, candle_core::DType::F32, device)?,
+    );
+    map.insert("lm_head.weight".to_string(), normal(spec.vocab, h)?);
+    Llama::from_weights(config, &Weights::new(map, "bench train (random weights)"))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A `kB` line of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes; `None` off Linux.
+fn proc_status_bytes(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn tiny_bench_runs_and_learns_nothing_strange() {
+        let spec = TrainBenchSpec {
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 48,
+            vocab: 50,
+            batch: 2,
+            seq_len: 16,
+            warmup: 1,
+            steps: 3,
+            ..TrainBenchSpec::default()
+        };
+        let r = bench_train(&spec).unwrap();
+        assert_eq!(r.step_s.len(), 3);
+        assert_eq!(r.tokens_per_step, 32);
+        assert!(r.tokens_per_s > 0.0);
+        // 2 layers × (q 32×32, k 16×32, v 16×32, o 32×32, gate/up 48×32, down 32×48) + head.
+        assert_eq!(
+            r.matmul_params,
+            2 * (1024 + 512 + 512 + 1024 + 3 * 1536) + 50 * 32
+        );
+        assert!(
+            (r.first_loss - (50f64).ln()).abs() < 0.5,
+            "{}",
+            r.first_loss
+        );
+        if cfg!(target_os = "linux") {
+            assert!(r.peak_rss_bytes.unwrap() >= r.rss_after_setup_bytes.unwrap());
+        }
+    }
+}

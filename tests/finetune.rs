@@ -1,0 +1,290 @@
+//! The finetune stage: learning a synthetic task, bitwise resume, NaN handling, data
+//! formatting, and the stories-recover pipeline end to end.
+
+mod common;
+
+use common::*;
+use rora::adapters::{self, dropout::DropoutKey, AttachSpec};
+use rora::train::{self, data, FinetuneSpec};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn recover(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_recover"))
+        .args(args)
+        .env("RORA_SHARED", shared_dir())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("recover runs")
+}
+
+fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    serde_yaml_ng::from_str(text).unwrap()
+}
+
+#[test]
+fn rora_learns_a_synthetic_copy_task() {
+    // The issue asks for a 50% lower loss within 100 steps; 40 steps of batch 4 suffice.
+    // 64 examples of "copy the word after X" in LLM-Adapters' format.
+    let words = ["cat", "dog", "ball", "tree", "sun", "car", "fish", "bird"];
+    let items: Vec<serde_json::Value> = (0..64)
+        .map(|i| {
+            let w = words[i % 8];
+            let filler = words[(i / 8) % 8];
+            serde_json::json!({
+                "instruction": format!("Copy the word after X: {filler} X {w}"),
+                "input": "",
+                "output": w,
+                "answer": w
+            })
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let data_path = tmp.path().join("copy.json");
+    std::fs::write(&data_path, serde_json::to_string(&items).unwrap()).unwrap();
+
+    let loaded = load_stories();
+    let mut model = loaded.model;
+    let dropout = DropoutKey::default();
+    let attach: AttachSpec = yaml("method: rora\nrank: 8\nalpha: 16\ndropout: 0.0");
+    adapters::attach(&mut model, &attach, 0, &dropout).unwrap();
+    let spec: FinetuneSpec = yaml(&format!(
+        "data: [{}]\ncutoff_len: 160\nbatch_size: 4\nmicro_batch_size: 4\nlearning_rate: 3.0e-3\n\
+         warmup_steps: 3\nmax_steps: 40\n",
+        data_path.display()
+    ));
+    let run_dir = tmp.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let report = train::finetune(
+        &model,
+        &loaded.tokenizer,
+        &spec,
+        0,
+        &run_dir,
+        &dropout,
+        false,
+    )
+    .unwrap();
+    let log: Vec<train::LogLine> = std::fs::read_to_string(run_dir.join("train-log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 40);
+    let first = log[0].loss;
+    let last5 = log[35..].iter().map(|l| l.loss).sum::<f64>() / 5.0;
+    println!(
+        "copy task: loss {first:.3} → {last5:.3} (mean of the last 5 steps), {:.0} tokens/s",
+        report.tokens_per_s
+    );
+    assert!(last5 < 0.5 * first, "loss {first} → {last5}");
+    assert!(run_dir.join("loss-curve.svg").is_file());
+}
+
+#[test]
+fn instruction_examples_follow_llm_adapters_tokenization() {
+    let tok = load_stories().tokenizer;
+    let item = data::InstructionItem {
+        instruction: "Is the sky blue?".into(),
+        input: String::new(),
+        output: "the correct answer is true".into(),
+        answer: Some("true".into()),
+    };
+    let full = data::instruction_example(&tok, &item, 512, true).unwrap();
+    let prompt_only = tok
+        .encode(&rora::prompt::training_prompt(&item.instruction, ""), true)
+        .unwrap();
+    assert_eq!(full.ids[0], 1, "BOS first");
+    assert_eq!(*full.ids.last().unwrap(), 2, "EOS appended");
+    assert!(!full.targets[0] && full.targets[1..].iter().all(|&t| t));
+    let masked = data::instruction_example(&tok, &item, 512, false).unwrap();
+    assert_eq!(masked.ids, full.ids);
+    let first_target = masked.targets.iter().position(|&t| t).unwrap();
+    assert_eq!(first_target, prompt_only.len());
+    // Truncated at cutoff: no EOS.
+    let cut = data::instruction_example(&tok, &item, 20, true).unwrap();
+    assert_eq!(cut.ids.len(), 20);
+    assert_eq!(cut.ids[..], full.ids[..20]);
+}
+
+fn resume_pipeline(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("resume.yaml");
+    let text = format!(
+        "name: resume\nseed: 3\nstages:\n  - load:\n      model: {}\n  - attach:\n      method: rora\n      \
+         rank: 4\n      dropout: 0.1\n  - finetune:\n      text: [{}/data/stories260K-train.txt]\n      \
+         cutoff_len: 32\n      batch_size: 4\n      micro_batch_size: 2\n      learning_rate: 2.0e-3\n      \
+         warmup_steps: 5\n      max_steps: 60\n      save_every: 10\n      keep_checkpoints: 2\n      \
+         val_set_size: 4\n      eval_every: 20\n",
+        stories_dir().display(),
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = resume_pipeline(tmp.path());
+    let f = file.to_str().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let set_a = format!("run_dir={}", a.display());
+    let set_b = format!("run_dir={}", b.display());
+
+    let out = recover(&["--pipeline", f, "--set", &set_a]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = recover(&[
+        "--pipeline",
+        f,
+        "--set",
+        &set_b,
+        "--set",
+        "finetune.stop_after=30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(b.join("checkpoints/step-30").is_dir());
+    assert!(!b.join("checkpoints/step-40").exists());
+    let out = recover(&["--pipeline", f, "--set", &set_b, "--resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from checkpoint step-30"));
+
+    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        let x = std::fs::read(a.join("checkpoints/step-60").join(file)).unwrap();
+        let y = std::fs::read(b.join("checkpoints/step-60").join(file)).unwrap();
+        assert!(
+            x == y,
+            "{file} differs between the uninterrupted and the resumed run"
+        );
+    }
+    // Only the newest two checkpoints are kept; the log has one line per step.
+    let kept: Vec<_> = std::fs::read_dir(b.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(kept.len(), 2);
+    let log_a = std::fs::read_to_string(a.join("train-log.jsonl")).unwrap();
+    let log_b = std::fs::read_to_string(b.join("train-log.jsonl")).unwrap();
+    assert_eq!(log_b.lines().count(), 60);
+    let losses = |log: &str| -> Vec<String> {
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
+            .collect()
+    };
+    assert_eq!(losses(&log_a), losses(&log_b));
+}
+
+#[test]
+fn exploding_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
+    // lr 1e6 is not enough here: RMSNorm rescales the blown-up activations and the loss
+    // saturates at ln(512) with zero gradients. 1e20 overflows f32 at step 2.
+    let tmp = tempfile::tempdir().unwrap();
+    let file = resume_pipeline(tmp.path());
+    let run = tmp.path().join("nan");
+    let set = format!("run_dir={}", run.display());
+    let out = recover(&[
+        "--pipeline",
+        file.to_str().unwrap(),
+        "--set",
+        &set,
+        "--set",
+        "finetune.learning_rate=1.0e20",
+        "--set",
+        "finetune.warmup_steps=0",
+        "--set",
+        "finetune.save_every=1",
+        "--set",
+        "finetune.max_grad_norm=0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the loss became"), "{err}");
+    let step: usize = err
+        .split("at step ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(step >= 2, "{err}");
+    // The checkpoint of the step before is complete and finite.
+    let last = run.join(format!("checkpoints/step-{}", step - 1));
+    assert!(err.contains(&last.display().to_string()), "{err}");
+    let adapter = candle_core::safetensors::load(
+        last.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for (name, t) in adapter {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "failed");
+}
+
+#[test]
+fn stories_recover_pipeline_runs_end_to_end() {
+    // The shipped pipeline with fewer steps (the full 60 take about 80 s on 2 cores).
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let set = format!("run_dir={}", run.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_recover"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "--pipeline",
+            "pipelines/stories-recover.yaml",
+            "--set",
+            &set,
+        ])
+        .args([
+            "--set",
+            "finetune.max_steps=10",
+            "--set",
+            "finetune.eval_every=5",
+            "--set",
+            "finetune.save_every=5",
+        ])
+        .env("RORA_SHARED", shared_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "manifest.json",
+        "inspect.json",
+        "attach.json",
+        "finetune.json",
+        "ppl-before.json",
+        "ppl-after.json",
+        "loss-curve.svg",
+        "train-log.jsonl",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let log = std::fs::read_to_string(run.join("train-log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 10);
+    assert_eq!(log.lines().filter(|l| l.contains("val_loss")).count(), 2);
+    let svg = std::fs::read_to_string(run.join("loss-curve.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("val loss"));
+    let attach: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("attach.json")).unwrap()).unwrap();
+    assert_eq!(attach["scaling"].as_f64().unwrap(), 16.0 / 8f64.sqrt());
+}
