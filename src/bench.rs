@@ -129,6 +129,11 @@ pub struct TrainBenchReport {
     /// Wall time of every timed step, in order.
     pub step_s: Vec<f64>,
     pub median_step_s: f64,
+    /// Median time of each phase of a step: forward and loss; backward; gradient
+    /// collection, norm, clipping and the AdamW update.
+    pub median_forward_s: f64,
+    pub median_backward_s: f64,
+    pub median_optimizer_s: f64,
     /// tokens_per_step / median_step_s.
     pub tokens_per_s: f64,
     /// Useful FLOPs per token: 4·P (forward 2·P, input gradients 2·P, frozen base) plus
@@ -171,6 +176,13 @@ impl TrainBenchReport {
         let rows = [
             ("tokens/s", format!("{:.1}", self.tokens_per_s)),
             ("median step", format!("{:.3} s", self.median_step_s)),
+            (
+                "median forward / backward / optimizer",
+                format!(
+                    "{:.3} / {:.3} / {:.3} s",
+                    self.median_forward_s, self.median_backward_s, self.median_optimizer_s
+                ),
+            ),
             (
                 "steps (s)",
                 format!("{} (after {} warm-up)", steps.join(", "), s.warmup),
@@ -223,7 +235,8 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         + spec.vocab * spec.hidden) as u64;
     let dropout = DropoutKey::default();
     let attach = AttachSpec {
-        method: Method::Lora,
+        from: None,
+        method: Some(Method::Lora),
         rank: spec.rank,
         alpha: Some(spec.alpha),
         dropout: spec.dropout,
@@ -250,6 +263,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     let rss_after_setup_bytes = proc_status_bytes("VmRSS");
 
     let mut step_s = Vec::with_capacity(spec.steps);
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     for step in 0..spec.warmup + spec.steps {
         let t0 = Instant::now();
@@ -259,7 +273,9 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
             .narrow(1, 0, t - 1)?;
         let (loss, _) = masked_mean_nll(&logits, &targets, &target_mask)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
+        let t_forward = t0.elapsed().as_secs_f64();
         let g = loss.backward()?;
+        let t_backward = t0.elapsed().as_secs_f64();
         dropout.set_eval();
         let grads: Vec<Tensor> = vars
             .iter()
@@ -269,7 +285,8 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
                     .map_or_else(|| v.zeros_like(), Ok)
             })
             .collect::<candle_core::Result<_>>()?;
-        drop(g);
+        // Free the graph and every gradient inside the timed step, as the trainer does.
+        drop((g, loss, logits));
         let mut norm_sq = 0f64;
         for g in &grads {
             norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -291,6 +308,9 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         }
         if step >= spec.warmup {
             step_s.push(elapsed);
+            phases[0].push(t_forward);
+            phases[1].push(t_backward - t_forward);
+            phases[2].push(elapsed - t_backward);
             if first_loss.is_nan() {
                 first_loss = loss_value;
             }
@@ -315,6 +335,9 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         tokens_per_step,
         step_s,
         median_step_s,
+        median_forward_s: median(&phases[0]),
+        median_backward_s: median(&phases[1]),
+        median_optimizer_s: median(&phases[2]),
         tokens_per_s,
         useful_flops_per_token,
         executed_flops_per_token,

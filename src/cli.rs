@@ -43,8 +43,29 @@ pub enum Command {
     Ppl(PplArgs),
     /// Continue a prompt (greedy, or sampled with --temperature).
     Generate(GenerateArgs),
+    /// Fold a PEFT adapter into a model and write a merged Hugging Face folder.
+    Merge(MergeArgs),
     /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model source: folder, .gguf, or hf:org/name.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// dtype of the merged weights: bf16, f16 or f32 (merging is done in f32).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Shard the safetensors above this size.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +136,7 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Inspect(a)), _) => inspect(a),
         (Some(Command::Ppl(a)), _) => ppl(a),
         (Some(Command::Generate(a)), _) => generate(a),
+        (Some(Command::Merge(a)), _) => merge(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set, cli.resume).map(|_| ()),
         (None, None) => {
@@ -182,6 +204,39 @@ fn generate(a: GenerateArgs) -> Result<()> {
         )?;
         let all: Vec<u32> = prompt.iter().chain(&new).copied().collect();
         println!("{}\n", loaded.tokenizer.decode(&all)?);
+    }
+    Ok(())
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "bf16" => crate::pipeline::spec::DtypeName::Bf16,
+        "f16" => crate::pipeline::spec::DtypeName::F16,
+        "f32" => crate::pipeline::spec::DtypeName::F32,
+        other => bail!("--dtype `{other}`: use bf16, f16 or f32"),
+    };
+    let source = ModelSource::parse(&a.model)?;
+    let mut loaded = model::load(&source, candle_core::DType::F32, &Device::Cpu)?;
+    let dropout = crate::adapters::dropout::DropoutKey::default();
+    let (attach, _) =
+        crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter, &dropout)?;
+    let spec = crate::export::ExportSpec {
+        merged: Some(a.out.clone()),
+        adapter: None,
+        dtype,
+        max_shard_size: a.max_shard_size,
+        base_model_name_or_path: None,
+        verify: true,
+    };
+    let report = crate::export::export(&loaded, Some(&attach), &spec)?;
+    eprintln!(
+        "merged {} into {} (verified: max |Δlogit| {:.2e})",
+        a.adapter.display(),
+        a.out.display(),
+        report.verify_max_abs_diff.unwrap_or(f64::NAN)
+    );
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
     }
     Ok(())
 }

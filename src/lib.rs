@@ -8,6 +8,7 @@ pub mod adapters;
 pub mod bench;
 pub mod cli;
 pub mod eval;
+pub mod export;
 pub mod fsx;
 pub mod inspect;
 pub mod model;

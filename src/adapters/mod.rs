@@ -6,6 +6,7 @@ pub mod dora;
 pub mod dropout;
 pub mod lora;
 pub mod merge;
+pub mod peft;
 
 use crate::model::Llama;
 use anyhow::{bail, Result};
@@ -70,7 +71,13 @@ impl Method {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttachSpec {
-    pub method: Method,
+    /// Start from a PEFT adapter folder instead of fresh adapters: method, rank, alpha,
+    /// dropout, targets and patterns then come from its `adapter_config.json`.
+    #[serde(default)]
+    pub from: Option<std::path::PathBuf>,
+    /// Required unless `from` is given.
+    #[serde(default)]
+    pub method: Option<Method>,
     #[serde(default = "default_rank")]
     pub rank: usize,
     /// Default: twice the rank (DoRA's recipe uses alpha = 2r).
@@ -104,7 +111,26 @@ impl AttachSpec {
         self.alpha.unwrap_or(2.0 * self.rank as f64)
     }
 
+    /// The method of a fresh attach (validated to be present).
+    pub fn method(&self) -> Result<Method> {
+        self.method.ok_or_else(|| {
+            anyhow::anyhow!(
+                "attach needs `method` (lora, rora, dora or rora_dora) or `from: ADAPTER_DIR`"
+            )
+        })
+    }
+
     pub fn validate(&self, num_layers: Option<usize>) -> Result<()> {
+        if let Some(dir) = &self.from {
+            if self.method.is_some() {
+                bail!(
+                    "attach: give either `from` (settings come from {}/adapter_config.json) or `method`, not both",
+                    dir.display()
+                );
+            }
+            return Ok(());
+        }
+        self.method()?;
         if self.rank == 0 || self.rank_pattern.values().any(|&r| r == 0) {
             bail!("attach.rank (and every rank_pattern value) must be at least 1");
         }
@@ -239,6 +265,7 @@ pub fn attach(
     dropout_key: &DropoutKey,
 ) -> Result<AttachReport> {
     spec.validate(Some(model.num_layers()))?;
+    let method = spec.method()?;
     let model_params_before = model.num_params() as u64;
     let device = model.device().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -255,14 +282,14 @@ pub fn attach(
         let lora = LoraAdapter {
             a: Var::from_tensor(&kaiming_uniform(&mut rng, rank, in_dim, &device)?)?,
             b: Var::from_tensor(&Tensor::zeros((out_dim, rank), DType::F32, &device)?)?,
-            scale: spec.method.scaling(alpha, rank),
+            scale: method.scaling(alpha, rank),
             dropout: spec.dropout,
             dropout_key: dropout_key.clone(),
             id: (layer * MODULES.len() + MODULES.iter().position(|m| *m == module).unwrap_or(0))
                 as u64,
         };
         trainable += (rank * (in_dim + out_dim)) as u64;
-        let adapter = if spec.method.is_dora() {
+        let adapter = if method.is_dora() {
             trainable += out_dim as u64;
             Adapter::Dora(DoraAdapter {
                 magnitude: Var::from_tensor(&row_norms(linear.weight(), None)?)?,
@@ -278,10 +305,10 @@ pub fn attach(
         bail!("attach matched no projection: check `targets` and `layers`");
     }
     Ok(AttachReport {
-        method: spec.method,
+        method,
         rank: spec.rank,
         alpha: spec.alpha(),
-        scaling: spec.method.scaling(spec.alpha(), spec.rank),
+        scaling: method.scaling(spec.alpha(), spec.rank),
         adapted_modules: adapted,
         trainable_params: trainable,
         model_params: model_params_before,

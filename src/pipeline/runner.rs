@@ -4,6 +4,7 @@ use super::run_dir::{now_rfc3339, RunDir};
 use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
 use crate::adapters::{self, dropout::DropoutKey, AttachSpec};
 use crate::eval::perplexity::perplexity;
+use crate::export::{self, ExportSpec};
 use crate::fsx;
 use crate::inspect::ShapeReport;
 use crate::model::{self, LoadedModel, ModelSource};
@@ -23,6 +24,8 @@ pub struct RunContext {
     pub dropout: DropoutKey,
     /// Continue fine-tuning from the newest checkpoint in the run folder.
     pub resume: bool,
+    /// The settings of the attached adapters (resolved from a PEFT folder for `from`).
+    pub attached: Option<AttachSpec>,
 }
 
 impl RunContext {
@@ -53,6 +56,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
         model: None,
         dropout: DropoutKey::default(),
         resume,
+        attached: None,
     };
     let stages = ctx.spec.stages.clone();
     let total = stages.len();
@@ -130,6 +134,7 @@ fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
         Stage::Ppl(spec) => run_ppl(spec, ctx),
         Stage::Attach(spec) => run_attach(spec, ctx),
         Stage::Finetune(spec) => run_finetune(spec, ctx),
+        Stage::Export(spec) => run_export(spec, ctx),
         other => bail!("stage `{}` is not available in this version", other.name()),
     }
 }
@@ -186,7 +191,14 @@ fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
 fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
     let (seed, dropout) = (ctx.spec.seed, ctx.dropout.clone());
     let loaded = ctx.model_mut("attach")?;
-    let report = adapters::attach(&mut loaded.model, spec, seed, &dropout)?;
+    let (resolved, report) = match &spec.from {
+        Some(dir) => adapters::peft::attach_from_folder(&mut loaded.model, dir, &dropout)?,
+        None => (
+            spec.clone(),
+            adapters::attach(&mut loaded.model, spec, seed, &dropout)?,
+        ),
+    };
+    ctx.attached = Some(resolved);
     eprintln!(
         "attached {:?} (rank {}, alpha {}, γ = {:.4}) to {} projections: {} trainable parameters \
          ({:.3}% of {})",
@@ -225,4 +237,35 @@ fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
         report.tokens_per_s
     );
     fsx::write_json(&ctx.run.file("finetune.json"), &report)
+}
+
+fn run_export(spec: &ExportSpec, ctx: &mut RunContext) -> Result<()> {
+    // Relative export folders live in the run folder (`merged/`, `adapter/`).
+    let mut spec = spec.clone();
+    for dir in [&mut spec.merged, &mut spec.adapter].into_iter().flatten() {
+        if dir.is_relative() {
+            *dir = ctx.run.file(&dir.to_string_lossy());
+        }
+    }
+    let loaded = ctx.model("export")?;
+    let report = export::export(loaded, ctx.attached.as_ref(), &spec)?;
+    if let Some(m) = &report.merged {
+        eprintln!(
+            "merged model ({}, {} shard{}) written to {}",
+            m.dtype,
+            m.shards,
+            if m.shards == 1 { "" } else { "s" },
+            m.dir.display()
+        );
+    }
+    if let (Some(d), Some(t)) = (report.verify_max_abs_diff, report.verify_tolerance) {
+        eprintln!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})");
+    }
+    if let Some(a) = &report.adapter {
+        eprintln!("adapter (PEFT format) written to {}", a.display());
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    fsx::write_json(&ctx.run.file("export.json"), &report)
 }

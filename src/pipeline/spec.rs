@@ -3,6 +3,7 @@
 //! any work starts.
 
 use crate::adapters::AttachSpec;
+use crate::export::ExportSpec;
 use crate::train::FinetuneSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -65,11 +66,11 @@ pub enum Stage {
     Ppl(PplSpec),
     Attach(AttachSpec),
     Finetune(FinetuneSpec),
+    Export(ExportSpec),
     // Stages of the design that this version does not have yet. Their settings are
     // kept untyped so that the validator can name them before any work starts.
     Prune(Value),
     Eval(Value),
-    Export(Value),
 }
 
 impl Stage {
@@ -94,11 +95,12 @@ impl Stage {
                 | Stage::Ppl(_)
                 | Stage::Attach(_)
                 | Stage::Finetune(_)
+                | Stage::Export(_)
         )
     }
 }
 
-pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, attach, finetune";
+pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, attach, finetune, export";
 const ALL_STAGES: &[&str] = &[
     "load", "inspect", "ppl", "prune", "eval", "attach", "finetune", "export",
 ];
@@ -301,6 +303,9 @@ impl PipelineSpec {
                         bail!("stages[{i}]: `finetune` trains adapters; put an `attach` stage before it");
                     }
                 }
+                Stage::Export(e) => e
+                    .validate()
+                    .with_context(|| format!("stages[{i}].export"))?,
                 _ => {}
             }
         }

@@ -156,3 +156,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Sets every adapter's B (uniform ±0.05) and DoRA magnitude (×0.8–1.2) to random
+/// values, so that adapters change the model clearly, as trained ones do.
+pub fn randomize_adapters(model: &rora::model::Llama, seed: u64) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for (name, var) in rora::adapters::trainable_vars(model) {
+        if name.ends_with("lora_B.weight") {
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.random_range(-0.05..0.05))
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        if name.ends_with("lora_magnitude_vector") {
+            let v: Vec<f32> = (0..var.elem_count())
+                .map(|_| rng.random_range(0.8..1.2))
+                .collect();
+            let scale = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap();
+            var.set(&(var.as_tensor() * scale).unwrap()).unwrap();
+        }
+    }
+}

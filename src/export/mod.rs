@@ -1,0 +1,170 @@
+//! The `export` stage: the merged model as a Hugging Face folder, the adapter alone in
+//! PEFT's format, and a check that the merged folder computes what the adapted model did.
+
+pub mod merged;
+
+use crate::adapters::{peft, AttachSpec};
+use crate::model::{self, LoadedModel, ModelSource};
+use crate::pipeline::spec::DtypeName;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    /// Folder for the merged Hugging Face model (relative: inside the run folder).
+    #[serde(default)]
+    pub merged: Option<PathBuf>,
+    /// Folder for the adapter alone (PEFT format; relative: inside the run folder).
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    /// dtype of the merged weights (merging itself is done in f32).
+    #[serde(default = "default_dtype")]
+    pub dtype: DtypeName,
+    /// Shard the safetensors above this size (`5GB`, `500MB`, bytes).
+    #[serde(default = "default_shard")]
+    pub max_shard_size: String,
+    /// Written into adapter_config.json; default: the loaded model's source.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Reload the merged folder and compare its logits with the adapted model's.
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+fn default_dtype() -> DtypeName {
+    DtypeName::Bf16
+}
+fn default_shard() -> String {
+    "5GB".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl ExportSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.merged.is_none() && self.adapter.is_none() {
+            bail!("export needs `merged: DIR`, `adapter: DIR` or both");
+        }
+        merged::parse_size(&self.max_shard_size)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub merged: Option<merged::MergedExport>,
+    pub adapter: Option<PathBuf>,
+    /// Max |logit difference| between the reloaded merged model and the adapted model.
+    pub verify_max_abs_diff: Option<f64>,
+    pub verify_tolerance: Option<f64>,
+    pub warnings: Vec<String>,
+}
+
+/// Allowed max |Δlogit| relative to max(1, max |logit|): the rounding of the export
+/// dtype (bf16 keeps 8 bits of mantissa, f16 11) accumulated over the layers.
+pub fn verify_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 5e-2,
+        DType::F16 => 1e-2,
+        _ => 1e-4,
+    }
+}
+
+/// Runs the export for a loaded (possibly adapted) model. `attach` describes the
+/// adapters when there are any.
+pub fn export(
+    loaded: &LoadedModel,
+    attach: Option<&AttachSpec>,
+    spec: &ExportSpec,
+) -> Result<ExportReport> {
+    spec.validate()?;
+    let mut report = ExportReport {
+        merged: None,
+        adapter: None,
+        verify_max_abs_diff: None,
+        verify_tolerance: None,
+        warnings: Vec::new(),
+    };
+    if let Some(dir) = &spec.adapter {
+        let Some(attach) = attach else {
+            bail!(
+                "export.adapter: the model has no adapters; put an `attach` stage before `export`"
+            );
+        };
+        let base = spec
+            .base_model_name_or_path
+            .clone()
+            .unwrap_or_else(|| loaded.source.to_string());
+        peft::write_adapter(&loaded.model, attach, Some(base), dir)?;
+        report.adapter = Some(dir.clone());
+    }
+    if let Some(dir) = &spec.merged {
+        let dtype = spec.dtype.dtype();
+        let info = merged::write_merged(
+            loaded,
+            dir,
+            dtype,
+            merged::parse_size(&spec.max_shard_size)?,
+        )?;
+        if !info.uniform {
+            report.warnings.push(format!(
+                "{} has a different width per layer (rora's `layer_shapes` in config.json): rora loads it, \
+                 stock transformers cannot",
+                dir.display()
+            ));
+        }
+        report.merged = Some(info);
+        if spec.verify {
+            let (diff, scale) = compare_logits(loaded, dir)?;
+            let tolerance = verify_tolerance(dtype) * scale.max(1.0);
+            report.verify_max_abs_diff = Some(diff);
+            report.verify_tolerance = Some(tolerance);
+            if diff.is_nan() || diff > tolerance {
+                bail!(
+                    "the merged model in {} differs from the adapted model by {diff:.3e} in the logits \
+                     (tolerance {tolerance:.3e} for {}); the export is wrong, please report it",
+                    dir.display(),
+                    model::dtype_name(dtype)
+                );
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Max |logit difference| on a fixed text between the adapted model and the merged
+/// folder, and max |logit| of the adapted model. The merged folder runs in the adapted
+/// model's dtype, so the difference measures the export (merge and rounding to the
+/// export dtype), not a change of compute precision.
+fn compare_logits(loaded: &LoadedModel, dir: &Path) -> Result<(f64, f64)> {
+    let text =
+        "The quick brown fox jumps over the lazy dog. Once upon a time, a little girl found a key.";
+    let mut ids = loaded.tokenizer.encode(text, true)?;
+    ids.truncate(48);
+    let device = loaded.model.device();
+    let input = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+    let adapted = loaded
+        .model
+        .forward(&input, None, None)?
+        .to_dtype(DType::F32)?;
+    let reloaded = model::load(
+        &ModelSource::Folder(dir.to_path_buf()),
+        loaded.model.dtype(),
+        device,
+    )?;
+    let merged = reloaded
+        .model
+        .forward(&input, None, None)?
+        .to_dtype(DType::F32)?;
+    let diff = (&adapted - &merged)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()? as f64;
+    let scale = adapted.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+    Ok((diff, scale))
+}
