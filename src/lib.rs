@@ -15,6 +15,7 @@ pub mod model;
 pub mod pipeline;
 pub mod progress;
 pub mod prompt;
+pub mod prune;
 pub mod report;
 pub mod runtime;
 pub mod train;

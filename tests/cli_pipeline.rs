@@ -155,13 +155,13 @@ fn stage_not_built_yet_is_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let (out, run_dir) = run_yaml(
         tmp.path(),
-        &stories_yaml("  - prune:\n      ratio: 0.5\n"),
+        &stories_yaml("  - eval:\n      label: before\n"),
         &[],
     );
     assert_clean_failure(
         &out,
         &run_dir,
-        &["stage `prune` is not available in this version"],
+        &["stage `eval` is not available in this version"],
     );
 }
 

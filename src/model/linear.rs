@@ -4,13 +4,45 @@
 
 use crate::adapters::Adapter;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// (out, in), frozen.
     weight: Tensor,
     adapter: Option<Adapter>,
+    /// Calibration (pruning): statistics of the inputs this projection sees.
+    recorder: Option<Arc<Mutex<InputStats>>>,
+}
+
+/// Per input column: the sum of squares over every row seen (‖X_j‖² for Wanda-style
+/// importance), and the number of rows.
+#[derive(Debug, Default)]
+pub struct InputStats {
+    pub sum_sq: Vec<f64>,
+    pub rows: usize,
+}
+
+impl InputStats {
+    fn add(&mut self, x: &Tensor) -> Result<()> {
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let col_sq = x
+            .reshape((rows, in_dim))?
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum(0)?
+            .to_vec1::<f32>()?;
+        if self.sum_sq.is_empty() {
+            self.sum_sq = vec![0.0; in_dim];
+        }
+        for (acc, v) in self.sum_sq.iter_mut().zip(col_sq) {
+            *acc += v as f64;
+        }
+        self.rows += rows;
+        Ok(())
+    }
 }
 
 impl Linear {
@@ -18,6 +50,7 @@ impl Linear {
         Self {
             weight,
             adapter: None,
+            recorder: None,
         }
     }
 
@@ -37,8 +70,24 @@ impl Linear {
         self.adapter = adapter;
     }
 
+    /// Starts collecting input statistics; returns the shared record.
+    pub fn record_inputs(&mut self) -> Arc<Mutex<InputStats>> {
+        let stats = Arc::new(Mutex::new(InputStats::default()));
+        self.recorder = Some(stats.clone());
+        stats
+    }
+
+    pub fn stop_recording(&mut self) {
+        self.recorder = None;
+    }
+
     /// `x`: (..., in) → (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(rec) = &self.recorder {
+            rec.lock()
+                .map_err(|_| anyhow::anyhow!("input recorder poisoned"))?
+                .add(x)?;
+        }
         match &self.adapter {
             None => matmul_t(x, &self.weight),
             Some(adapter) => adapter.forward(x, &self.weight),

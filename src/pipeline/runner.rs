@@ -26,6 +26,8 @@ pub struct RunContext {
     pub resume: bool,
     /// The settings of the attached adapters (resolved from a PEFT folder for `from`).
     pub attached: Option<AttachSpec>,
+    /// The model's config before `prune` changed it: `inspect`'s default reference.
+    pub dense_config: Option<crate::model::LlamaConfig>,
 }
 
 impl RunContext {
@@ -57,6 +59,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
         dropout: DropoutKey::default(),
         resume,
         attached: None,
+        dense_config: None,
     };
     let stages = ctx.spec.stages.clone();
     let total = stages.len();
@@ -93,6 +96,12 @@ fn preflight(spec: &PipelineSpec) -> Result<()> {
         match stage {
             Stage::Load(l) => {
                 ModelSource::parse(&l.model).with_context(|| format!("stages[{i}].load.model"))?;
+            }
+            Stage::Prune(p) if !p.calibration.is_file() => {
+                bail!(
+                    "stages[{i}].prune.calibration: {} is not a file",
+                    p.calibration.display()
+                );
             }
             Stage::Ppl(p) if !p.text.is_file() => {
                 bail!("stages[{i}].ppl.text: {} is not a file", p.text.display());
@@ -135,6 +144,7 @@ fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
         Stage::Attach(spec) => run_attach(spec, ctx),
         Stage::Finetune(spec) => run_finetune(spec, ctx),
         Stage::Export(spec) => run_export(spec, ctx),
+        Stage::Prune(spec) => run_prune(spec, ctx),
         other => bail!("stage `{}` is not available in this version", other.name()),
     }
 }
@@ -148,14 +158,16 @@ fn labelled(base: &str, label: Option<&str>, ext: &str) -> String {
 
 fn run_inspect(spec: InspectSpec, ctx: &mut RunContext) -> Result<()> {
     let loaded = ctx.model("inspect")?;
-    let reference = match &spec.reference {
-        Some(r) => Some((
-            r.as_str(),
+    // Default reference after a `prune`: the model as it was before.
+    let reference = match (&spec.reference, &ctx.dense_config) {
+        (Some(r), _) => Some((
+            r.clone(),
             model::read_config_only(r).context("inspect.reference")?,
         )),
-        None => None,
+        (None, Some(dense)) => Some(("the model before pruning".to_string(), dense.clone())),
+        (None, None) => None,
     };
-    let report = ShapeReport::build(loaded, reference.as_ref().map(|(s, c)| (*s, c)));
+    let report = ShapeReport::build(loaded, reference.as_ref().map(|(s, c)| (s.as_str(), c)));
     let md = report.to_markdown();
     let label = spec.label.as_deref();
     fsx::write_json(&ctx.run.file(&labelled("inspect", label, "json")), &report)?;
@@ -268,4 +280,20 @@ fn run_export(spec: &ExportSpec, ctx: &mut RunContext) -> Result<()> {
         eprintln!("warning: {w}");
     }
     fsx::write_json(&ctx.run.file("export.json"), &report)
+}
+
+fn run_prune(spec: &crate::prune::PruneSpec, ctx: &mut RunContext) -> Result<()> {
+    let loaded = ctx.model_mut("prune")?;
+    let mut dense = loaded.model.config.clone();
+    dense.layer_shapes = Some(loaded.model.layer_shapes.clone());
+    let report = crate::prune::prune(&mut loaded.model, &loaded.tokenizer, spec)?;
+    ctx.dense_config.get_or_insert(dense);
+    eprintln!(
+        "pruned {:.1}% of the parameters ({} → {}) using {} calibration tokens",
+        100.0 * report.pruned_ratio,
+        report.params_before,
+        report.params_after,
+        report.calibration_tokens
+    );
+    fsx::write_json(&ctx.run.file("prune.json"), &report)
 }

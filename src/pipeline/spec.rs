@@ -4,6 +4,7 @@
 
 use crate::adapters::AttachSpec;
 use crate::export::ExportSpec;
+use crate::prune::PruneSpec;
 use crate::train::FinetuneSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -67,9 +68,9 @@ pub enum Stage {
     Attach(AttachSpec),
     Finetune(FinetuneSpec),
     Export(ExportSpec),
+    Prune(PruneSpec),
     // Stages of the design that this version does not have yet. Their settings are
     // kept untyped so that the validator can name them before any work starts.
-    Prune(Value),
     Eval(Value),
 }
 
@@ -96,11 +97,12 @@ impl Stage {
                 | Stage::Attach(_)
                 | Stage::Finetune(_)
                 | Stage::Export(_)
+                | Stage::Prune(_)
         )
     }
 }
 
-pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, attach, finetune, export";
+pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, prune, attach, finetune, export";
 const ALL_STAGES: &[&str] = &[
     "load", "inspect", "ppl", "prune", "eval", "attach", "finetune", "export",
 ];
