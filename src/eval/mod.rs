@@ -1,4 +1,19 @@
-//! Evaluation: language-modelling perplexity (and, later, the commonsense tasks).
+//! Evaluation: language-modelling perplexity and the eight commonsense tasks under three
+//! protocols (`generate`, `choice`, `content`; see DESIGN.md, Evaluation).
 
+pub mod answer;
+pub mod content;
 pub mod generate;
+pub mod options;
 pub mod perplexity;
+pub mod protocols;
+pub mod report;
+pub mod run;
+pub mod scoring;
+pub mod spec;
+pub mod tasks;
+
+pub use report::{wilson_interval, EvalReport, ProtocolResult, QuestionRecord, TaskResult};
+pub use run::run_eval;
+pub use spec::{EvalSpec, Protocol};
+pub use tasks::{load_task, Question, Task};

@@ -308,6 +308,12 @@ impl PipelineSpec {
                 Stage::Export(e) => e
                     .validate()
                     .with_context(|| format!("stages[{i}].export"))?,
+                Stage::Prune(p) => {
+                    p.validate().with_context(|| format!("stages[{i}].prune"))?;
+                    if attached {
+                        bail!("stages[{i}]: `prune` must come before `attach`");
+                    }
+                }
                 _ => {}
             }
         }
