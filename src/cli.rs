@@ -31,6 +31,11 @@ pub struct Cli {
     #[arg(long, requires = "pipeline")]
     pub resume: bool,
 
+    /// Validate the pipeline and print its plan (stages, trainable parameters, memory
+    /// estimate) without loading weights or writing anything.
+    #[arg(long, requires = "pipeline", conflicts_with = "resume")]
+    pub dry_run: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -138,6 +143,10 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Generate(a)), _) => generate(a),
         (Some(Command::Merge(a)), _) => merge(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
+        (None, Some(file)) if cli.dry_run => {
+            println!("{}", pipeline::runner::dry_run(&file, &cli.set)?);
+            Ok(())
+        }
         (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set, cli.resume).map(|_| ()),
         (None, None) => {
             bail!("nothing to do: give --pipeline FILE.yaml or a command (see `recover --help`)")

@@ -255,3 +255,48 @@ fn ppl_command_prints_json() {
     let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(v["num_layers"], 5);
 }
+
+#[test]
+fn every_shipped_pipeline_passes_a_dry_run() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_recover"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["--pipeline", path.to_str().unwrap(), "--dry-run"])
+            .env("RORA_SHARED", shared_dir())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
+        let plan = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            plan.contains("## Plan:") && plan.contains("| **total** |"),
+            "{}: {plan}",
+            path.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2);
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let set = format!("run_dir={}", run_dir.display());
+    let out = recover(&[
+        "--pipeline",
+        "pipelines/stories-recover.yaml",
+        "--dry-run",
+        "--set",
+        &set,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Trainable: 31.7K"));
+    assert!(!run_dir.exists());
+}

@@ -89,12 +89,24 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
     }
 }
 
+/// Validates the pipeline and prints its plan, loading nothing (`--dry-run`). Local
+/// inputs must exist; a hub model need not be downloaded yet.
+pub fn dry_run(file: &Path, overrides: &[String]) -> Result<String> {
+    let spec = PipelineSpec::from_file(file, overrides)?;
+    preflight_files(&spec, true).with_context(|| format!("pipeline {}", file.display()))?;
+    super::plan::plan(&spec)
+}
+
 /// Checks what can be checked without loading anything, so that bad input fails before
 /// a run folder exists.
 fn preflight(spec: &PipelineSpec) -> Result<()> {
+    preflight_files(spec, false)
+}
+
+fn preflight_files(spec: &PipelineSpec, dry: bool) -> Result<()> {
     for (i, stage) in spec.stages.iter().enumerate() {
         match stage {
-            Stage::Load(l) => {
+            Stage::Load(l) if !(dry && l.model.starts_with("hf:")) => {
                 ModelSource::parse(&l.model).with_context(|| format!("stages[{i}].load.model"))?;
             }
             Stage::Prune(p) if !p.calibration.is_file() => {

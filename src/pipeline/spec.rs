@@ -169,6 +169,10 @@ impl<'de> Deserialize<'de> for Stage {
 pub struct LoadSpec {
     /// A Hugging Face folder, a `.gguf` file, or `hf:org/name[@revision]`.
     pub model: String,
+    /// The model's config.json, for `--dry-run` plans when the model itself is not at
+    /// hand (a hub id not yet downloaded). Loading always reads the model's own config.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
