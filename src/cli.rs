@@ -50,8 +50,46 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fold a PEFT adapter into a model and write a merged Hugging Face folder.
     Merge(MergeArgs),
+    /// Commonsense accuracy of any model (optionally with a PEFT adapter).
+    Eval(EvalArgs),
     /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model source: folder, .gguf, or hf:org/name.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter folder to attach first.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Comma-separated: boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy,
+    /// ARC-Challenge, openbookqa.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tasks: Vec<String>,
+    /// Comma-separated: content, choice, generate.
+    #[arg(long, value_delimiter = ',', default_value = "content")]
+    pub protocol: Vec<String>,
+    /// First N questions per task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Folder of the task data (LLM-Adapters format).
+    #[arg(long, default_value = "../shared/data/commonsense")]
+    pub data_dir: PathBuf,
+    /// Where to write eval-<label>.json/.md/.jsonl (default: print only).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value = "eval")]
+    pub label: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Ppl(a)), _) => ppl(a),
         (Some(Command::Generate(a)), _) => generate(a),
         (Some(Command::Merge(a)), _) => merge(a),
+        (Some(Command::Eval(a)), _) => eval(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (None, Some(file)) if cli.dry_run => {
             println!("{}", pipeline::runner::dry_run(&file, &cli.set)?);
@@ -246,6 +285,44 @@ fn merge(a: MergeArgs) -> Result<()> {
     );
     for w in &report.warnings {
         eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let tasks: Vec<&str> = a.tasks.iter().map(String::as_str).collect();
+    let mut spec = crate::eval::EvalSpec::new(&a.label, &tasks);
+    spec.protocol = a
+        .protocol
+        .iter()
+        .map(|p| {
+            serde_yaml_ng::from_str(p)
+                .map_err(|_| anyhow::anyhow!("--protocol `{p}`: use content, choice or generate"))
+        })
+        .collect::<Result<_>>()?;
+    spec.limit = a.limit;
+    spec.batch_size = a.batch_size;
+    spec.data_dir = a.data_dir;
+    spec.validate()?;
+    let source = ModelSource::parse(&a.model)?;
+    let mut loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    if let Some(dir) = &a.adapter {
+        let dropout = crate::adapters::dropout::DropoutKey::default();
+        crate::adapters::peft::attach_from_folder(&mut loaded.model, dir, &dropout)?;
+    }
+    // Without --out the report files go to a scratch folder that is removed afterwards.
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("rora-eval-{}", std::process::id())));
+    let report = crate::eval::run_eval(&spec, &loaded.model, &loaded.tokenizer, 0, &out)?;
+    if a.out.is_none() {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.to_markdown());
     }
     Ok(())
 }

@@ -151,18 +151,11 @@ fn unknown_stage_lists_the_stages() {
 }
 
 #[test]
-fn stage_not_built_yet_is_refused_before_any_work() {
+fn bad_eval_settings_are_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
-    let (out, run_dir) = run_yaml(
-        tmp.path(),
-        &stories_yaml("  - eval:\n      label: before\n"),
-        &[],
-    );
-    assert_clean_failure(
-        &out,
-        &run_dir,
-        &["stage `eval` is not available in this version"],
-    );
+    let yaml = stories_yaml("  - eval:\n      label: before\n      tasks: [boolq, sciq]\n");
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(&out, &run_dir, &["sciq", "stages[1].eval"]);
 }
 
 #[test]

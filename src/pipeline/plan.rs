@@ -91,8 +91,9 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
             Stage::Attach(a) => match &a.from {
                 Some(d) => format!("adapters from {}", d.display()),
                 None => format!(
-                    "{:?} rank {} alpha {} on {}",
-                    a.method,
+                    "{} rank {} alpha {} on {}",
+                    a.method
+                        .map_or("?".to_string(), |m| format!("{m:?}").to_lowercase()),
                     a.rank,
                     a.alpha(),
                     a.targets.join(", ")
@@ -118,7 +119,25 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
                     .map_or("-".into(), |p| p.display().to_string()),
                 e.dtype
             ),
-            _ => String::new(),
+            Stage::Eval(e) => format!(
+                "`{}`: {} ({:?}){}",
+                e.label,
+                e.tasks.join(", "),
+                e.protocol,
+                e.limit
+                    .map_or(String::new(), |l| format!(", first {l} questions"))
+            ),
+            Stage::Inspect(Some(i)) => i
+                .reference
+                .as_ref()
+                .map_or(String::new(), |r| format!("against {r}")),
+            Stage::Prune(p) => format!(
+                "MLP {:.0}%, heads {:.0}%",
+                100.0 * p.mlp_ratio,
+                100.0 * p.head_ratio
+            ),
+            Stage::Ppl(p) => format!("on {}", p.text.display()),
+            Stage::Inspect(None) => String::new(),
         };
         let _ = writeln!(s, "{}. `{}` {detail}", i + 1, stage.name());
     }

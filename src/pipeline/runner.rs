@@ -109,6 +109,12 @@ fn preflight_files(spec: &PipelineSpec, dry: bool) -> Result<()> {
             Stage::Load(l) if !(dry && l.model.starts_with("hf:")) => {
                 ModelSource::parse(&l.model).with_context(|| format!("stages[{i}].load.model"))?;
             }
+            Stage::Eval(e) => {
+                for task in e.validate()? {
+                    task.test_file(&e.data_dir)
+                        .with_context(|| format!("stages[{i}].eval"))?;
+                }
+            }
             Stage::Prune(p) if !p.calibration.is_file() => {
                 bail!(
                     "stages[{i}].prune.calibration: {} is not a file",
@@ -157,7 +163,7 @@ fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
         Stage::Finetune(spec) => run_finetune(spec, ctx),
         Stage::Export(spec) => run_export(spec, ctx),
         Stage::Prune(spec) => run_prune(spec, ctx),
-        other => bail!("stage `{}` is not available in this version", other.name()),
+        Stage::Eval(spec) => run_eval_stage(spec, ctx),
     }
 }
 
@@ -308,4 +314,17 @@ fn run_prune(spec: &crate::prune::PruneSpec, ctx: &mut RunContext) -> Result<()>
         report.calibration_tokens
     );
     fsx::write_json(&ctx.run.file("prune.json"), &report)
+}
+
+fn run_eval_stage(spec: &crate::eval::EvalSpec, ctx: &mut RunContext) -> Result<()> {
+    let loaded = ctx.model("eval")?;
+    let report = crate::eval::run_eval(
+        spec,
+        &loaded.model,
+        &loaded.tokenizer,
+        ctx.spec.seed,
+        ctx.run.path(),
+    )?;
+    println!("{}", report.to_markdown());
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! any work starts.
 
 use crate::adapters::AttachSpec;
+use crate::eval::EvalSpec;
 use crate::export::ExportSpec;
 use crate::prune::PruneSpec;
 use crate::train::FinetuneSpec;
@@ -69,9 +70,7 @@ pub enum Stage {
     Finetune(FinetuneSpec),
     Export(ExportSpec),
     Prune(PruneSpec),
-    // Stages of the design that this version does not have yet. Their settings are
-    // kept untyped so that the validator can name them before any work starts.
-    Eval(Value),
+    Eval(EvalSpec),
 }
 
 impl Stage {
@@ -87,22 +86,8 @@ impl Stage {
             Stage::Export(_) => "export",
         }
     }
-
-    fn is_available(&self) -> bool {
-        matches!(
-            self,
-            Stage::Load(_)
-                | Stage::Inspect(_)
-                | Stage::Ppl(_)
-                | Stage::Attach(_)
-                | Stage::Finetune(_)
-                | Stage::Export(_)
-                | Stage::Prune(_)
-        )
-    }
 }
 
-pub const AVAILABLE_STAGES: &str = "load, inspect, ppl, prune, attach, finetune, export";
 const ALL_STAGES: &[&str] = &[
     "load", "inspect", "ppl", "prune", "eval", "attach", "finetune", "export",
 ];
@@ -262,15 +247,6 @@ impl PipelineSpec {
         if self.stages.is_empty() {
             bail!("`stages` is empty; a pipeline needs at least a `load` stage");
         }
-        for (i, stage) in self.stages.iter().enumerate() {
-            if !stage.is_available() {
-                bail!(
-                    "stage `{}` is not available in this version (stages[{i}]); available stages: \
-                     {AVAILABLE_STAGES}",
-                    stage.name()
-                );
-            }
-        }
         if !matches!(self.stages[0], Stage::Load(_)) {
             bail!(
                 "the first stage must be `load` (stages[0] is `{}`)",
@@ -312,6 +288,9 @@ impl PipelineSpec {
                 Stage::Export(e) => e
                     .validate()
                     .with_context(|| format!("stages[{i}].export"))?,
+                Stage::Eval(e) => {
+                    e.validate().with_context(|| format!("stages[{i}].eval"))?;
+                }
                 Stage::Prune(p) => {
                     p.validate().with_context(|| format!("stages[{i}].prune"))?;
                     if attached {

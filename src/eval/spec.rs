@@ -1,0 +1,163 @@
+//! The `eval` stage's settings.
+
+use super::tasks::Task;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::PathBuf;
+
+/// How a question is answered (see DESIGN.md, Evaluation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The model writes an answer after LLM-Adapters' evaluation prompt; the first label
+    /// in it counts.
+    Generate,
+    /// The most likely `the correct answer is <label>` after the evaluation prompt.
+    Choice,
+    /// lm-evaluation-harness style: the most likely option text after a plain context.
+    Content,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Generate => "generate",
+            Protocol::Choice => "choice",
+            Protocol::Content => "content",
+        }
+    }
+}
+
+/// `eval` settings. In a pipeline, `data_dir` is usually
+/// `${RORA_SHARED:-../shared}/data/commonsense`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Names the reports: `eval-<label>.json`, `.md`, `.jsonl`.
+    pub label: String,
+    /// Task names (`boolq`, `piqa`, `social_i_qa`, `hellaswag`, `winogrande`, `ARC-Easy`,
+    /// `ARC-Challenge`, `openbookqa`).
+    pub tasks: Vec<String>,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// At most this many questions per task.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// With `limit`: a seeded random subset (in file order) instead of the first N.
+    #[serde(default)]
+    pub sample: bool,
+    /// Questions per forward pass.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// One protocol or a list; each runs over every task.
+    #[serde(default = "default_protocols", deserialize_with = "one_or_many")]
+    pub protocol: Vec<Protocol>,
+    /// `generate`: 1 is greedy, more is beam search (LLM-Adapters used 4).
+    #[serde(default = "default_num_beams")]
+    pub num_beams: usize,
+    /// `generate`: new tokens at most.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Put the tokenizer's BOS token (when it has one) before every prompt and context.
+    #[serde(default = "default_bos")]
+    pub bos: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("../shared/data/commonsense")
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Content]
+}
+fn default_num_beams() -> usize {
+    1
+}
+fn default_max_new_tokens() -> usize {
+    32
+}
+fn default_bos() -> bool {
+    true
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Protocol>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Protocol),
+        Many(Vec<Protocol>),
+    }
+    match OneOrMany::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "`protocol` must be one of generate, choice, content, or a list of them",
+        )
+    })? {
+        OneOrMany::One(p) => Ok(vec![p]),
+        OneOrMany::Many(v) => Ok(v),
+    }
+}
+
+impl EvalSpec {
+    /// A spec with every default: `tasks` on `data_dir`, the `content` protocol.
+    pub fn new(label: &str, tasks: &[&str]) -> Self {
+        Self {
+            label: label.to_string(),
+            tasks: tasks.iter().map(|s| s.to_string()).collect(),
+            data_dir: default_data_dir(),
+            limit: None,
+            sample: false,
+            batch_size: default_batch_size(),
+            protocol: default_protocols(),
+            num_beams: default_num_beams(),
+            max_new_tokens: default_max_new_tokens(),
+            bos: default_bos(),
+        }
+    }
+
+    /// Checks the settings and resolves the task names (unknown names are an error that
+    /// lists the tasks). Duplicates are dropped, the order kept.
+    pub fn validate(&self) -> Result<Vec<Task>> {
+        if self.label.is_empty()
+            || !self
+                .label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "eval.label `{}` must be non-empty and use only letters, digits, `-`, `_` and `.` (it names files)",
+                self.label
+            );
+        }
+        if self.tasks.is_empty() {
+            bail!(
+                "eval.tasks is empty; the tasks are: {}",
+                Task::ALL.map(Task::name).join(", ")
+            );
+        }
+        let mut tasks = Vec::new();
+        for name in &self.tasks {
+            let t = Task::parse(name)?;
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+        }
+        if self.limit == Some(0) {
+            bail!("eval.limit must be at least 1 (leave it out for every question)");
+        }
+        if self.batch_size == 0 {
+            bail!("eval.batch_size must be at least 1");
+        }
+        if self.protocol.is_empty() {
+            bail!("eval.protocol is empty; use generate, choice or content");
+        }
+        if self.num_beams == 0 {
+            bail!("eval.num_beams must be at least 1");
+        }
+        if self.max_new_tokens == 0 {
+            bail!("eval.max_new_tokens must be at least 1");
+        }
+        Ok(tasks)
+    }
+}
