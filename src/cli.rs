@@ -52,8 +52,20 @@ pub enum Command {
     Merge(MergeArgs),
     /// Commonsense accuracy of any model (optionally with a PEFT adapter).
     Eval(EvalArgs),
+    /// Compare eval reports (eval-<label>.json): a table and a grouped bar chart.
+    Compare(CompareArgs),
     /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
     Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// eval-<label>.json files, first = baseline.
+    #[arg(required = true, num_args = 1..)]
+    pub reports: Vec<PathBuf>,
+    /// The grouped bar chart.
+    #[arg(long, default_value = "compare.svg")]
+    pub svg: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +193,7 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Generate(a)), _) => generate(a),
         (Some(Command::Merge(a)), _) => merge(a),
         (Some(Command::Eval(a)), _) => eval(a),
+        (Some(Command::Compare(a)), _) => compare(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (None, Some(file)) if cli.dry_run => {
             println!("{}", pipeline::runner::dry_run(&file, &cli.set)?);
@@ -324,5 +337,18 @@ fn eval(a: EvalArgs) -> Result<()> {
     } else {
         println!("{}", report.to_markdown());
     }
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    use crate::report::compare;
+    let rows = a
+        .reports
+        .iter()
+        .map(|p| compare::read_report(p, None))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{}", compare::to_markdown(&rows));
+    compare::bar_chart(&a.svg, &rows)?;
+    eprintln!("chart: {}", a.svg.display());
     Ok(())
 }

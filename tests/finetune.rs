@@ -276,6 +276,15 @@ fn stories_recover_pipeline_runs_end_to_end() {
         "ppl-after.json",
         "loss-curve.svg",
         "train-log.jsonl",
+        "export.json",
+        "merged/model.safetensors",
+        "merged/config.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "eval-before.json",
+        "eval-after.json",
+        "report.md",
+        "eval-comparison.svg",
     ] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
@@ -287,4 +296,60 @@ fn stories_recover_pipeline_runs_end_to_end() {
     let attach: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("attach.json")).unwrap()).unwrap();
     assert_eq!(attach["scaling"].as_f64().unwrap(), 16.0 / 8f64.sqrt());
+}
+
+#[test]
+fn compare_prints_rows_and_the_difference_and_draws_bars() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_recover"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "--pipeline",
+            "pipelines/stories-recover.yaml",
+            "--set",
+            &format!("run_dir={}", run.display()),
+        ])
+        .args([
+            "--set",
+            "finetune.max_steps=4",
+            "--set",
+            "finetune.val_set_size=0",
+            "--set",
+            "eval.limit=8",
+        ])
+        .env("RORA_SHARED", shared_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("| before |")
+            && report.contains("| after |")
+            && report.contains("| after − before |"),
+        "{report}"
+    );
+    let svg = tmp.path().join("bars.svg");
+    let out = recover(&[
+        "compare",
+        run.join("eval-before.json").to_str().unwrap(),
+        run.join("eval-after.json").to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("run/before") && table.contains("ARC-e") && table.contains("PIQA"),
+        "{table}"
+    );
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<rect"));
 }

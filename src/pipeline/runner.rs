@@ -28,6 +28,8 @@ pub struct RunContext {
     pub attached: Option<AttachSpec>,
     /// The model's config before `prune` changed it: `inspect`'s default reference.
     pub dense_config: Option<crate::model::LlamaConfig>,
+    /// `eval-<label>.json` files written so far, in order.
+    pub eval_reports: Vec<PathBuf>,
 }
 
 impl RunContext {
@@ -60,6 +62,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
         resume,
         attached: None,
         dense_config: None,
+        eval_reports: Vec::new(),
     };
     let stages = ctx.spec.stages.clone();
     let total = stages.len();
@@ -75,6 +78,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
         ctx.run
             .record_stage(i, stage.name(), started_at, t0.elapsed().as_secs_f64())?;
     }
+    let outcome = outcome.and_then(|()| write_run_report(&ctx));
     match outcome {
         Ok(()) => {
             ctx.run.finish(None)?;
@@ -326,5 +330,55 @@ fn run_eval_stage(spec: &crate::eval::EvalSpec, ctx: &mut RunContext) -> Result<
         ctx.run.path(),
     )?;
     println!("{}", report.to_markdown());
+    ctx.eval_reports
+        .push(ctx.run.file(&format!("eval-{}.json", spec.label)));
+    Ok(())
+}
+
+/// `report.md` for a run with two or more evaluations: every eval row and the
+/// last-minus-first difference, a bar chart, perplexities, fine-tuning and the shapes.
+fn write_run_report(ctx: &RunContext) -> Result<()> {
+    use crate::report::compare;
+    if ctx.eval_reports.len() < 2 {
+        return Ok(());
+    }
+    let rows = ctx
+        .eval_reports
+        .iter()
+        .map(|p| compare::read_report(p, None))
+        .map(|r| {
+            r.map(|mut row| {
+                row.label = row.report.label.clone();
+                row
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut md = format!("# Run report: {}\n\n", ctx.spec.name);
+    md.push_str(&compare::to_markdown(&rows));
+    compare::bar_chart(&ctx.run.file("eval-comparison.svg"), &rows)?;
+    md.push_str("\n![accuracy by task](eval-comparison.svg)\n\n");
+    let mut ppl: Vec<PathBuf> = std::fs::read_dir(ctx.run.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            name.starts_with("ppl") && name.ends_with(".md")
+        })
+        .collect();
+    ppl.sort();
+    for p in ppl {
+        md.push_str(&std::fs::read_to_string(&p)?);
+        md.push('\n');
+    }
+    if ctx.run.file("finetune.json").is_file() {
+        md.push_str("## Fine-tuning\n\n![loss curve](loss-curve.svg)\n\nSee `finetune.json` and `train-log.jsonl`.\n\n");
+    }
+    if ctx.run.file("inspect.md").is_file() {
+        md.push_str(&std::fs::read_to_string(ctx.run.file("inspect.md"))?);
+    }
+    fsx::atomic_write(&ctx.run.file("report.md"), md.as_bytes())?;
+    eprintln!("report: {}", ctx.run.file("report.md").display());
     Ok(())
 }

@@ -1,3 +1,4 @@
 //! Reports: plots (SVG) shared by the stages that draw one.
 
+pub mod compare;
 pub mod plot;
