@@ -318,6 +318,8 @@ fn compare_prints_rows_and_the_difference_and_draws_bars() {
             "--set",
             "eval.limit=8",
         ])
+        .args(["--set", "eval.tasks=[ppl, ARC-Easy, piqa]"])
+        .args(["--set", "eval.ppl_text=data/stories260K-heldout.txt"])
         .env("RORA_SHARED", shared_dir())
         .output()
         .unwrap();
@@ -331,6 +333,10 @@ fn compare_prints_rows_and_the_difference_and_draws_bars() {
         report.contains("| before |")
             && report.contains("| after |")
             && report.contains("| after − before |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("### Perplexity") && report.contains("stories260K-heldout.txt"),
         "{report}"
     );
     let svg = tmp.path().join("bars.svg");

@@ -10,7 +10,7 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 use std::fmt::Write;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PerplexityReport {
     pub text: String,
     /// Tokens of the text (without BOS).

@@ -121,6 +121,9 @@ pub struct EvalReport {
     pub num_beams: usize,
     pub max_new_tokens: usize,
     pub protocols: Vec<ProtocolResult>,
+    /// The `ppl` task, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<crate::eval::perplexity::PerplexityReport>,
     pub seconds: f64,
 }
 
@@ -204,6 +207,10 @@ impl EvalReport {
                     t.seconds
                 );
             }
+        }
+        if let Some(p) = &self.perplexity {
+            s.push('\n');
+            s.push_str(&p.to_markdown());
         }
         s
     }

@@ -110,6 +110,23 @@ pub fn run_eval(
         let questions = load_task(task, &spec.data_dir)?;
         loaded.push((task, file, questions));
     }
+    let perplexity = match (&spec.ppl_text, spec.wants_ppl()) {
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read eval.ppl_text {}", path.display()))?;
+            let name = path.display().to_string();
+            Some(crate::eval::perplexity::perplexity(
+                model,
+                tok,
+                &text,
+                &name,
+                spec.ppl_max_len,
+                spec.bos,
+                spec.batch_size,
+            )?)
+        }
+        _ => None,
+    };
     let mut protocols = Vec::new();
     let mut records = Vec::new();
     for &protocol in &spec.protocol {
@@ -137,6 +154,7 @@ pub fn run_eval(
         num_beams: spec.num_beams,
         max_new_tokens: spec.max_new_tokens,
         protocols,
+        perplexity,
         seconds: started.elapsed().as_secs_f64(),
     };
     write_reports(&report, &records, run_dir)?;

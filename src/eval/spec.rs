@@ -61,6 +61,16 @@ pub struct EvalSpec {
     /// Put the tokenizer's BOS token (when it has one) before every prompt and context.
     #[serde(default = "default_bos")]
     pub bos: bool,
+    /// The text for the `ppl` task (perplexity, language-modelling recovery).
+    #[serde(default)]
+    pub ppl_text: Option<PathBuf>,
+    /// `ppl`: chunk length in tokens.
+    #[serde(default = "default_ppl_max_len")]
+    pub ppl_max_len: usize,
+}
+
+fn default_ppl_max_len() -> usize {
+    256
 }
 
 fn default_data_dir() -> PathBuf {
@@ -99,7 +109,15 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Protocol>, D::Erro
     }
 }
 
+/// The task name of perplexity on `ppl_text`.
+pub const PPL_TASK: &str = "ppl";
+
 impl EvalSpec {
+    /// Whether `ppl` is among the tasks.
+    pub fn wants_ppl(&self) -> bool {
+        self.tasks.iter().any(|t| t == PPL_TASK)
+    }
+
     /// A spec with every default: `tasks` on `data_dir`, the `content` protocol.
     pub fn new(label: &str, tasks: &[&str]) -> Self {
         Self {
@@ -113,6 +131,8 @@ impl EvalSpec {
             num_beams: default_num_beams(),
             max_new_tokens: default_max_new_tokens(),
             bos: default_bos(),
+            ppl_text: None,
+            ppl_max_len: default_ppl_max_len(),
         }
     }
 
@@ -138,6 +158,12 @@ impl EvalSpec {
         }
         let mut tasks = Vec::new();
         for name in &self.tasks {
+            if name == PPL_TASK {
+                if self.ppl_text.is_none() {
+                    bail!("eval.tasks has `ppl`: give the text to score as eval.ppl_text");
+                }
+                continue;
+            }
             let t = Task::parse(name)?;
             if !tasks.contains(&t) {
                 tasks.push(t);

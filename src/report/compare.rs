@@ -113,6 +113,22 @@ pub fn to_markdown(rows: &[Row]) -> String {
         }
         s.push('\n');
     }
+    if rows.iter().any(|r| r.report.perplexity.is_some()) {
+        let _ = writeln!(
+            s,
+            "### Perplexity\n\n| run | text | tokens scored | perplexity |\n|---|---|---:|---:|"
+        );
+        for row in rows {
+            if let Some(p) = &row.report.perplexity {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.3} |",
+                    row.label, p.text, p.scored_tokens, p.perplexity
+                );
+            }
+        }
+        s.push('\n');
+    }
     if rows.len() >= 2 {
         s.push_str(
             "Cells: accuracy % (95% Wilson interval). Difference row: last run minus first, with \
