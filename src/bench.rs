@@ -287,20 +287,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
             .collect::<candle_core::Result<_>>()?;
         // Free the graph and every gradient inside the timed step, as the trainer does.
         drop((g, loss, logits));
-        let mut norm_sq = 0f64;
-        for g in &grads {
-            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let grad_norm = norm_sq.sqrt();
-        let grads: Vec<Tensor> = if spec.max_grad_norm > 0.0 && grad_norm > spec.max_grad_norm {
-            let clip = spec.max_grad_norm / (grad_norm + 1e-6);
-            grads
-                .iter()
-                .map(|g| g * clip)
-                .collect::<candle_core::Result<_>>()?
-        } else {
-            grads
-        };
+        let (grads, _) = crate::train::clip_grad_norm(grads, spec.max_grad_norm)?;
         opt.step(&grads, spec.learning_rate)?;
         let elapsed = t0.elapsed().as_secs_f64();
         if !loss_value.is_finite() {

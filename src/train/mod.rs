@@ -286,7 +286,7 @@ pub fn finetune(
             .collect::<candle_core::Result<_>>()?;
 
         // A bad step stops the run before its update, so the last checkpoint stays good.
-        let grad_norm = global_norm(&grads)?;
+        let (grads, grad_norm) = clip_grad_norm(grads, spec.max_grad_norm)?;
         if !loss_sum.is_finite() || !grad_norm.is_finite() {
             pb.abandon();
             let last =
@@ -311,19 +311,6 @@ pub fn finetune(
                     .lr(spec.learning_rate, step, spec.warmup_steps, total_steps)
             );
         }
-        let clip = if spec.max_grad_norm > 0.0 && grad_norm > spec.max_grad_norm {
-            spec.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let grads: Vec<Tensor> = if clip < 1.0 {
-            grads
-                .iter()
-                .map(|g| g * clip)
-                .collect::<candle_core::Result<_>>()?
-        } else {
-            grads
-        };
         let lr = spec
             .lr_scheduler
             .lr(spec.learning_rate, step, spec.warmup_steps, total_steps);
@@ -504,12 +491,20 @@ fn validation_loss(model: &Llama, val: &[Example], micro: usize, device: &Device
     Ok(sum / count.max(1) as f64)
 }
 
-fn global_norm(grads: &[Tensor]) -> Result<f64> {
+/// PyTorch's `clip_grad_norm_`: the global L2 norm of `grads`, and the gradients scaled
+/// by `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` (0 = no clipping).
+pub fn clip_grad_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
     let mut total = 0f64;
-    for g in grads {
+    for g in &grads {
         total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
-    Ok(total.sqrt())
+    let norm = total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        let clipped = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
+        return Ok((clipped, norm));
+    }
+    Ok((grads, norm))
 }
 
 fn read_log(path: &Path) -> Result<Vec<LogLine>> {
