@@ -501,7 +501,10 @@ pub fn clip_grad_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<(Vec<Tensor>,
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
-        let clipped = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
+        let clipped = grads
+            .iter()
+            .map(|g| g * scale)
+            .collect::<candle_core::Result<_>>()?;
         return Ok((clipped, norm));
     }
     Ok((grads, norm))
