@@ -116,6 +116,8 @@ impl Default for TrainBenchSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBenchReport {
     pub spec: TrainBenchSpec,
+    /// Weights, activations and adapters: always f32 here.
+    pub dtype: &'static str,
     /// candle's CPU thread count (RAYON_NUM_THREADS, else all cores).
     pub threads: usize,
     /// Base-model parameters, embeddings included.
@@ -315,6 +317,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     let executed_flops_per_token = useful_flops_per_token + 2.0 * p;
     Ok(TrainBenchReport {
         spec: spec.clone(),
+        dtype: "f32",
         threads: candle_core::utils::get_num_threads(),
         base_params,
         matmul_params,
