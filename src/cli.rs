@@ -56,6 +56,49 @@ pub enum Command {
     Compare(CompareArgs),
     /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
     Bench(crate::bench::BenchArgs),
+    /// Run a pipeline over a grid of --set overrides, one run folder each, and summarize.
+    Sweep(SweepArgs),
+}
+
+/// `recover sweep`. Every setting here replaces the one of the pipeline's `sweep:` block.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// The pipeline each run runs.
+    #[arg(long, value_name = "FILE.yaml")]
+    pub pipeline: PathBuf,
+    /// An axis of the grid: a --set key and its values, `attach.rank=8,16`. Repeatable:
+    /// the runs are every combination. Replaces `sweep.grids` and their `rows`, `columns`
+    /// and `best_of`.
+    #[arg(long = "grid", value_name = "KEY=V1,V2")]
+    pub grid: Vec<crate::sweep::Axis>,
+    /// An axis every cell is run over and averaged across, `seed=1,2`. Replaces
+    /// `sweep.repeat`.
+    #[arg(long = "repeat", value_name = "KEY=V1,V2")]
+    pub repeat: Vec<crate::sweep::Axis>,
+    /// Override a pipeline value in every run (as `recover --set`). Repeatable.
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub set: Vec<String>,
+    /// The axis of the summary table's rows (default: the first axis).
+    #[arg(long, value_name = "KEY")]
+    pub rows: Option<String>,
+    /// The axis of its columns (default: the next axis).
+    #[arg(long, value_name = "KEY")]
+    pub columns: Option<String>,
+    /// Axes reduced to their value with the best mean metric, comma-separated.
+    #[arg(long, value_name = "KEY,...", value_delimiter = ',')]
+    pub best_of: Vec<String>,
+    /// What best means (default: accuracy when the pipeline evaluates tasks, else ppl).
+    #[arg(long, value_enum)]
+    pub metric: Option<crate::sweep::Metric>,
+    /// The sweep folder (default: `sweep.out`, else runs/<name>-sweep).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Check every run and list them without running any.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print sweep.json instead of sweep.md.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -195,11 +238,18 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Eval(a)), _) => eval(a),
         (Some(Command::Compare(a)), _) => compare(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
+        (Some(Command::Sweep(a)), _) => sweep(a),
         (None, Some(file)) if cli.dry_run => {
             println!("{}", pipeline::runner::dry_run(&file, &cli.set)?);
             Ok(())
         }
-        (None, Some(file)) => pipeline::run_pipeline(&file, &cli.set, cli.resume).map(|_| ()),
+        (None, Some(file)) => {
+            let options = pipeline::runner::RunOptions {
+                resume: cli.resume,
+                part_of_sweep: false,
+            };
+            pipeline::run_pipeline(&file, &cli.set, options).map(|_| ())
+        }
         (None, None) => {
             bail!("nothing to do: give --pipeline FILE.yaml or a command (see `recover --help`)")
         }
@@ -351,4 +401,32 @@ fn compare(a: CompareArgs) -> Result<()> {
     compare::bar_chart(&a.svg, &rows)?;
     eprintln!("chart: {}", a.svg.display());
     Ok(())
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    use crate::sweep::{Grid, SweepSpec};
+    let from_cli = SweepSpec {
+        out: a.out,
+        grids: if a.grid.is_empty() {
+            Vec::new()
+        } else {
+            vec![Grid { axes: a.grid }]
+        },
+        repeat: Grid { axes: a.repeat },
+        rows: a.rows,
+        columns: a.columns,
+        best_of: a.best_of,
+        metric: a.metric,
+    };
+    if a.dry_run {
+        println!("{}", crate::sweep::plan(&a.pipeline, &a.set, &from_cli)?);
+        return Ok(());
+    }
+    let summary = crate::sweep::run_sweep(&a.pipeline, &a.set, &from_cli)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", summary.to_markdown());
+    }
+    summary.ensure_all_ok()
 }

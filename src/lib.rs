@@ -18,4 +18,5 @@ pub mod prompt;
 pub mod prune;
 pub mod report;
 pub mod runtime;
+pub mod sweep;
 pub mod train;

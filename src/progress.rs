@@ -1,7 +1,12 @@
 //! Progress bars on stderr, one style for every long loop. indicatif draws nothing when
-//! stderr is not a terminal, so logs and tests stay clean.
+//! stderr is not a terminal, so logs and tests stay clean. Every bar joins one
+//! `MultiProgress`, so that a loop's bar stacks under an enclosing one (a sweep's cells)
+//! instead of drawing over it.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::sync::LazyLock;
+
+static BARS: LazyLock<MultiProgress> = LazyLock::new(MultiProgress::new);
 
 pub fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
@@ -13,5 +18,10 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
         .progress_chars("=> "),
     );
     pb.set_prefix(what.to_string());
-    pb
+    BARS.add(pb)
+}
+
+/// Prints a line on stderr above the bars (a plain line when there are none).
+pub fn line(text: &str) {
+    BARS.suspend(|| eprintln!("{text}"));
 }

@@ -8,6 +8,7 @@ use crate::export::{self, ExportSpec};
 use crate::fsx;
 use crate::inspect::ShapeReport;
 use crate::model::{self, LoadedModel, ModelSource};
+use crate::progress;
 use crate::train::{self, data::expand_globs, FinetuneSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -22,14 +23,24 @@ pub struct RunContext {
     pub model: Option<LoadedModel>,
     /// Shared by every adapter: the trainer switches dropout on and off through it.
     pub dropout: DropoutKey,
-    /// Continue fine-tuning from the newest checkpoint in the run folder.
-    pub resume: bool,
     /// The settings of the attached adapters (resolved from a PEFT folder for `from`).
     pub attached: Option<AttachSpec>,
     /// The model's config before `prune` changed it: `inspect`'s default reference.
     pub dense_config: Option<crate::model::LlamaConfig>,
     /// `eval-<label>.json` files written so far, in order.
     pub eval_reports: Vec<PathBuf>,
+    /// Resuming, and whether the run is one of a sweep's.
+    pub options: RunOptions,
+}
+
+/// How a run behaves beyond what its pipeline file says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Continue fine-tuning from the newest checkpoint in the run folder.
+    pub resume: bool,
+    /// Set by `recover sweep` for each of its runs: stage reports stay off stdout (the
+    /// sweep prints its own summary) and the `sweep:` block is not mentioned.
+    pub part_of_sweep: bool,
 }
 
 impl RunContext {
@@ -44,12 +55,23 @@ impl RunContext {
             .as_mut()
             .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
     }
+
+    /// Prints a stage's report on stdout, unless the run is one of a sweep's.
+    fn show(&self, report: &str) {
+        if !self.options.part_of_sweep {
+            println!("{report}");
+        }
+    }
 }
 
 /// Runs the pipeline in `file` with `--set` overrides; returns the run folder.
-pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<PathBuf> {
-    let spec = PipelineSpec::from_file(file, overrides)?;
-    preflight(&spec).with_context(|| format!("pipeline {}", file.display()))?;
+pub fn run_pipeline(file: &Path, overrides: &[String], options: RunOptions) -> Result<PathBuf> {
+    let spec = check(file, overrides)?;
+    if spec.sweep.is_some() && !options.part_of_sweep {
+        progress::line(
+            "note: the `sweep:` block is read by `recover sweep`; this runs the pipeline once, as written",
+        );
+    }
     let device = make_device(&spec)?;
     let run = RunDir::create(&spec, file)?;
     let mut ctx = RunContext {
@@ -59,16 +81,16 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
         device,
         model: None,
         dropout: DropoutKey::default(),
-        resume,
         attached: None,
         dense_config: None,
         eval_reports: Vec::new(),
+        options,
     };
     let stages = ctx.spec.stages.clone();
     let total = stages.len();
     let mut outcome = Ok(());
     for (i, stage) in stages.iter().enumerate() {
-        eprintln!("[{}/{total}] {}", i + 1, stage.name());
+        progress::line(&format!("[{}/{total}] {}", i + 1, stage.name()));
         let started_at = now_rfc3339();
         let t0 = std::time::Instant::now();
         if let Err(e) = run_stage(stage, &mut ctx) {
@@ -82,7 +104,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
     match outcome {
         Ok(()) => {
             ctx.run.finish(None)?;
-            eprintln!("run folder: {}", ctx.run.path().display());
+            progress::line(&format!("run folder: {}", ctx.run.path().display()));
             Ok(ctx.run.path().to_path_buf())
         }
         Err(e) => {
@@ -98,13 +120,24 @@ pub fn run_pipeline(file: &Path, overrides: &[String], resume: bool) -> Result<P
 pub fn dry_run(file: &Path, overrides: &[String]) -> Result<String> {
     let spec = PipelineSpec::from_file(file, overrides)?;
     preflight_files(&spec, true).with_context(|| format!("pipeline {}", file.display()))?;
-    super::plan::plan(&spec)
+    let mut plan = super::plan::plan(&spec)?;
+    match &spec.sweep {
+        Some(sweep) if sweep.grids.is_empty() => plan.push_str(
+            "\nThe `sweep:` block has no grids; `recover sweep --grid KEY=V1,V2` gives them.\n",
+        ),
+        Some(_) => plan.push_str(&crate::sweep::plan(file, overrides, &Default::default())?),
+        None => {}
+    }
+    Ok(plan)
 }
 
-/// Checks what can be checked without loading anything, so that bad input fails before
-/// a run folder exists.
-fn preflight(spec: &PipelineSpec) -> Result<()> {
-    preflight_files(spec, false)
+/// Reads the pipeline with its overrides and checks what can be checked without loading
+/// anything (input files exist, tasks are known), so that bad input fails before a run
+/// folder exists.
+pub fn check(file: &Path, overrides: &[String]) -> Result<PipelineSpec> {
+    let spec = PipelineSpec::from_file(file, overrides)?;
+    preflight_files(&spec, false).with_context(|| format!("pipeline {}", file.display()))?;
+    Ok(spec)
 }
 
 fn preflight_files(spec: &PipelineSpec, dry: bool) -> Result<()> {
@@ -152,12 +185,12 @@ fn run_stage(stage: &Stage, ctx: &mut RunContext) -> Result<()> {
         Stage::Load(l) => {
             let source = ModelSource::parse(&l.model)?;
             let loaded = model::load(&source, ctx.dtype, &ctx.device)?;
-            eprintln!(
+            progress::line(&format!(
                 "loaded {source}: {} layers, hidden {}, vocab {}",
                 loaded.model.num_layers(),
                 loaded.model.config.hidden_size,
                 loaded.model.config.vocab_size
-            );
+            ));
             ctx.model = Some(loaded);
             Ok(())
         }
@@ -175,6 +208,15 @@ fn labelled(base: &str, label: Option<&str>, ext: &str) -> String {
     match label {
         Some(l) => format!("{base}-{l}.{ext}"),
         None => format!("{base}.{ext}"),
+    }
+}
+
+/// The JSON report a `ppl` or `eval` stage writes into the run folder.
+pub fn report_json(stage: &Stage) -> Option<String> {
+    match stage {
+        Stage::Ppl(p) => Some(labelled("ppl", p.label.as_deref(), "json")),
+        Stage::Eval(e) => Some(labelled("eval", Some(&e.label), "json")),
+        _ => None,
     }
 }
 
@@ -197,7 +239,7 @@ fn run_inspect(spec: InspectSpec, ctx: &mut RunContext) -> Result<()> {
         &ctx.run.file(&labelled("inspect", label, "md")),
         md.as_bytes(),
     )?;
-    println!("{md}");
+    ctx.show(&md);
     Ok(())
 }
 
@@ -218,7 +260,7 @@ fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
     let label = spec.label.as_deref();
     fsx::write_json(&ctx.run.file(&labelled("ppl", label, "json")), &report)?;
     fsx::atomic_write(&ctx.run.file(&labelled("ppl", label, "md")), md.as_bytes())?;
-    println!("{md}");
+    ctx.show(&md);
     Ok(())
 }
 
@@ -233,7 +275,7 @@ fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
         ),
     };
     ctx.attached = Some(resolved);
-    eprintln!(
+    progress::line(&format!(
         "attached {:?} (rank {}, alpha {}, γ = {:.4}) to {} projections: {} trainable parameters \
          ({:.3}% of {})",
         report.method,
@@ -244,7 +286,7 @@ fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
         report.trainable_params,
         report.trainable_percent,
         report.model_params
-    );
+    ));
     fsx::write_json(&ctx.run.file("attach.json"), &report)
 }
 
@@ -257,9 +299,9 @@ fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
         ctx.spec.seed,
         ctx.run.path(),
         &ctx.dropout,
-        ctx.resume,
+        ctx.options.resume,
     )?;
-    eprintln!(
+    progress::line(&format!(
         "finetune: {} of {} steps, loss {:.4} → {:.4}{}, {:.0} tokens/s",
         report.steps,
         report.total_steps,
@@ -269,7 +311,7 @@ fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
             .val_loss
             .map_or(String::new(), |v| format!(", val loss {v:.4}")),
         report.tokens_per_s
-    );
+    ));
     fsx::write_json(&ctx.run.file("finetune.json"), &report)
 }
 
@@ -284,22 +326,22 @@ fn run_export(spec: &ExportSpec, ctx: &mut RunContext) -> Result<()> {
     let loaded = ctx.model("export")?;
     let report = export::export(loaded, ctx.attached.as_ref(), &spec)?;
     if let Some(m) = &report.merged {
-        eprintln!(
+        progress::line(&format!(
             "merged model ({}, {} shard{}) written to {}",
             m.dtype,
             m.shards,
             if m.shards == 1 { "" } else { "s" },
             m.dir.display()
-        );
+        ));
     }
     if let (Some(d), Some(t)) = (report.verify_max_abs_diff, report.verify_tolerance) {
-        eprintln!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})");
+        progress::line(&format!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"));
     }
     if let Some(a) = &report.adapter {
-        eprintln!("adapter (PEFT format) written to {}", a.display());
+        progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
     }
     for w in &report.warnings {
-        eprintln!("warning: {w}");
+        progress::line(&format!("warning: {w}"));
     }
     fsx::write_json(&ctx.run.file("export.json"), &report)
 }
@@ -310,13 +352,13 @@ fn run_prune(spec: &crate::prune::PruneSpec, ctx: &mut RunContext) -> Result<()>
     dense.layer_shapes = Some(loaded.model.layer_shapes.clone());
     let report = crate::prune::prune(&mut loaded.model, &loaded.tokenizer, spec)?;
     ctx.dense_config.get_or_insert(dense);
-    eprintln!(
+    progress::line(&format!(
         "pruned {:.1}% of the parameters ({} → {}) using {} calibration tokens",
         100.0 * report.pruned_ratio,
         report.params_before,
         report.params_after,
         report.calibration_tokens
-    );
+    ));
     fsx::write_json(&ctx.run.file("prune.json"), &report)
 }
 
@@ -329,9 +371,9 @@ fn run_eval_stage(spec: &crate::eval::EvalSpec, ctx: &mut RunContext) -> Result<
         ctx.spec.seed,
         ctx.run.path(),
     )?;
-    println!("{}", report.to_markdown());
+    ctx.show(&report.to_markdown());
     ctx.eval_reports
-        .push(ctx.run.file(&format!("eval-{}.json", spec.label)));
+        .push(ctx.run.file(&labelled("eval", Some(&spec.label), "json")));
     Ok(())
 }
 
@@ -379,6 +421,6 @@ fn write_run_report(ctx: &RunContext) -> Result<()> {
         md.push_str(&std::fs::read_to_string(ctx.run.file("inspect.md"))?);
     }
     fsx::atomic_write(&ctx.run.file("report.md"), md.as_bytes())?;
-    eprintln!("report: {}", ctx.run.file("report.md").display());
+    progress::line(&format!("report: {}", ctx.run.file("report.md").display()));
     Ok(())
 }

@@ -26,6 +26,9 @@ pub struct PipelineSpec {
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
     pub stages: Vec<Stage>,
+    /// Read by `recover sweep` only: the grid of overrides to run this pipeline over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<crate::sweep::SweepSpec>,
 }
 
 fn default_seed() -> u64 {
@@ -299,6 +302,9 @@ impl PipelineSpec {
                 }
                 _ => {}
             }
+        }
+        if let Some(sweep) = &self.sweep {
+            sweep.validate().context("sweep")?;
         }
         for stage in &self.stages {
             if let Stage::Ppl(p) = stage {

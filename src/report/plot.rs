@@ -9,6 +9,40 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// How x values are placed and labelled.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum XAxis {
+    #[default]
+    Linear,
+    /// Evenly spaced powers of two (adapter ranks); x must be positive.
+    Log2,
+    /// Categories at x = 0, 1, 2...: the labels are written at those positions.
+    Labels(Vec<String>),
+}
+
+impl XAxis {
+    /// Where `x` is drawn.
+    fn position(&self, x: f64) -> f64 {
+        match self {
+            XAxis::Log2 => x.log2(),
+            _ => x,
+        }
+    }
+
+    /// The tick label at position `p` of a log2 or category axis; ticks between its
+    /// values stay blank.
+    fn label(&self, p: f64) -> String {
+        let whole = (p - p.round()).abs() < 1e-9;
+        match self {
+            XAxis::Log2 if whole => format!("{}", 2f64.powf(p.round())),
+            XAxis::Labels(labels) if whole && p >= 0.0 => {
+                labels.get(p.round() as usize).cloned().unwrap_or_default()
+            }
+            _ => String::new(),
+        }
+    }
+}
+
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -26,10 +60,30 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
-    let pts = series
+    line_chart_on(path, title, x_label, &XAxis::Linear, y_label, series)
+}
+
+/// [`line_chart`] with the x axis placed and labelled by `x_axis`. On a log2 or category
+/// axis the points are marked too: there are few of them.
+pub fn line_chart_on(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    x_axis: &XAxis,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    let placed: Vec<Vec<(f64, f64)>> = series
         .iter()
-        .flat_map(|s| s.points.iter())
-        .filter(|(x, y)| x.is_finite() && y.is_finite());
+        .map(|s| {
+            s.points
+                .iter()
+                .map(|&(x, y)| (x_axis.position(x), y))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        })
+        .collect();
+    let pts = placed.iter().flatten();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -39,6 +93,10 @@ pub fn line_chart(
     }
     if x1 - x0 < 1e-12 {
         x1 = x0 + 1.0;
+    }
+    if *x_axis != XAxis::Linear {
+        // Room for the first and last value's label.
+        (x0, x1) = (x0 - 0.25, x1 + 0.25);
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let mut svg = String::new();
@@ -52,17 +110,20 @@ pub fn line_chart(
             .y_label_area_size(60)
             .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
             .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
+        let x_tick = |x: &f64| x_axis.label(*x);
+        let mut mesh = chart.configure_mesh();
+        if *x_axis != XAxis::Linear {
+            mesh.x_label_formatter(&x_tick);
+        }
+        mesh.x_desc(x_label)
             .y_desc(y_label)
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
-        for (i, s) in series.iter().enumerate() {
+        for (i, (s, points)) in series.iter().zip(&placed).enumerate() {
             let color = COLORS[i % COLORS.len()];
             chart
                 .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
+                    points.iter().copied(),
                     color.stroke_width(2),
                 ))
                 .map_err(|e| anyhow!("{e}"))?
@@ -70,6 +131,11 @@ pub fn line_chart(
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
+            if *x_axis != XAxis::Linear {
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
         }
         chart
             .configure_series_labels()
