@@ -4,6 +4,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     rora::runtime::configure_threads();
+    rora::runtime::configure_allocator();
     let cli = rora::cli::Cli::parse();
     match rora::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,7 +6,7 @@
 
 use super::dropout::to_f32;
 use super::lora::LoraAdapter;
-use crate::model::linear::matmul_t;
+use crate::model::frozen_matmul::frozen_matmul_t;
 use anyhow::Result;
 use candle_core::{Tensor, Var, D};
 
@@ -43,14 +43,14 @@ impl DoraAdapter {
     /// checks hold the norm fixed through it.
     pub fn forward_with_norm(&self, x: &Tensor, weight: &Tensor, norm: &Tensor) -> Result<Tensor> {
         let lora = &self.lora;
-        let base = matmul_t(x, weight)?;
+        let base = frozen_matmul_t(x, weight)?;
         let dropped = lora.dropout_key.apply(x, lora.dropout, lora.id)?;
         let scale = (self.magnitude.as_tensor() / norm)?;
         // With dropout off, `dropped` is `x` and the base product is reused.
         let dropped_base = if dropped.id() == x.id() {
             base.clone()
         } else {
-            matmul_t(&dropped, weight)?
+            frozen_matmul_t(&dropped, weight)?
         };
         let dora = (to_f32(&dropped_base)?.broadcast_mul(&(&scale - 1.0)?)?
             + lora.delta(&dropped)?.broadcast_mul(&scale)?)?;

@@ -2,6 +2,7 @@
 //! `alpha / sqrt(r)` (RoRA, PEFT's `use_rslora`).
 
 use super::dropout::{to_f32, DropoutKey};
+use crate::model::frozen_matmul::frozen_matmul_t;
 use crate::model::linear::matmul_t;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
@@ -28,7 +29,7 @@ impl LoraAdapter {
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let base = matmul_t(x, weight)?;
+        let base = frozen_matmul_t(x, weight)?;
         let dropped = self.dropout_key.apply(x, self.dropout, self.id)?;
         let delta = self.delta(&dropped)?;
         Ok((base + delta.to_dtype(x.dtype())?)?)

@@ -2,6 +2,7 @@
 //! one place where an adapter hooks in, so the forward pass never changes when one is
 //! attached.
 
+use super::frozen_matmul::frozen_matmul_t;
 use crate::adapters::Adapter;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -89,7 +90,7 @@ impl Linear {
                 .add(x)?;
         }
         match &self.adapter {
-            None => matmul_t(x, &self.weight),
+            None => frozen_matmul_t(x, &self.weight),
             Some(adapter) => adapter.forward(x, &self.weight),
         }
     }

@@ -3,7 +3,8 @@
 
 use super::attention::{Attention, LayerKv};
 use super::config::{LayerShape, LlamaConfig};
-use super::linear::{matmul_t, Linear};
+use super::frozen_matmul::frozen_matmul_t;
+use super::linear::Linear;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
@@ -196,7 +197,7 @@ impl Llama {
 
     /// (..., hidden) → (..., vocab).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        matmul_t(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        frozen_matmul_t(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
     }
 
     pub fn num_layers(&self) -> usize {

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod frozen_matmul;
 pub mod gguf;
 pub mod hub;
 pub mod linear;
