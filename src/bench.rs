@@ -7,7 +7,7 @@
 //! PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
 
 use crate::adapters::{self, dropout::DropoutKey, AttachSpec, Method, MODULES};
-use crate::model::loss::masked_mean_nll;
+use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, LlamaConfig, Weights};
 use crate::train::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Result};
@@ -270,10 +270,10 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     for step in 0..spec.warmup + spec.steps {
         let t0 = Instant::now();
         dropout.set_train(spec.seed ^ ((step as u64) << 16));
-        let logits = model
-            .forward(&ids, Some(&mask), None)?
+        let hidden = model
+            .forward_hidden(&ids, Some(&mask), None)?
             .narrow(1, 0, t - 1)?;
-        let (loss, _) = masked_mean_nll(&logits, &targets, &target_mask)?;
+        let (loss, _) = masked_mean_nll_from_hidden(&model, &hidden, &targets, &target_mask)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let t_forward = t0.elapsed().as_secs_f64();
         let g = loss.backward()?;
@@ -288,7 +288,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
             })
             .collect::<candle_core::Result<_>>()?;
         // Free the graph and every gradient inside the timed step, as the trainer does.
-        drop((g, loss, logits));
+        drop((g, loss, hidden));
         let (grads, _) = crate::train::clip_grad_norm(grads, spec.max_grad_norm)?;
         opt.step(&grads, spec.learning_rate)?;
         let elapsed = t0.elapsed().as_secs_f64();

@@ -1,6 +1,6 @@
 //! The `recover` command line: argument definitions and dispatch to the library.
 
-use crate::eval::perplexity::perplexity;
+use crate::eval::perplexity::{perplexity, read_scoring_text, PerplexityOptions};
 use crate::inspect::ShapeReport;
 use crate::model::{self, ModelSource};
 use crate::pipeline;
@@ -220,6 +220,9 @@ pub struct PplArgs {
     /// Chunks per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Score only the first N tokens of the text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -277,17 +280,19 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn ppl(a: PplArgs) -> Result<()> {
     let source = ModelSource::parse(&a.model)?;
-    let text = std::fs::read_to_string(&a.text)
-        .with_context(|| format!("cannot read --text {}", a.text.display()))?;
+    let text = read_scoring_text(&a.text, "--text")?;
     let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
     let report = perplexity(
         &loaded.model,
         &loaded.tokenizer,
         &text,
         &a.text.display().to_string(),
-        a.max_len,
-        a.bos,
-        a.batch_size,
+        &PerplexityOptions {
+            max_len: a.max_len,
+            bos: a.bos,
+            batch_size: a.batch_size,
+            max_tokens: a.max_tokens,
+        },
     )?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -277,3 +277,66 @@ fn dropout_is_reproducible_per_key_and_off_in_eval() {
     let kept = vals.iter().filter(|&&v| v > 0.0).count();
     assert!((80..=176).contains(&kept), "{kept} of 256 kept at p = 0.5");
 }
+
+/// The training loss applies the output head only at target positions; it must equal the
+/// loss over full logits, value and adapter gradients, for a mask with gaps (f32 sums in
+/// a different order: agreement to 1e-5 relative).
+#[test]
+fn output_head_at_targets_only_matches_the_full_head() {
+    let model = adapted_tiny(Method::Rora);
+    let ids = ids_tensor(&IDS);
+    let n = IDS.len() - 1;
+    let targets = ids_tensor(&IDS[1..]);
+    let mask = Tensor::new(&[[0f32, 0., 1., 0., 1., 1., 0., 1.]], &Device::Cpu).unwrap();
+    let full = {
+        let logits = model.forward(&ids, None, None).unwrap();
+        masked_mean_nll(&logits.narrow(1, 0, n).unwrap(), &targets, &mask).unwrap()
+    };
+    let sparse = {
+        let hidden = model.forward_hidden(&ids, None, None).unwrap();
+        rora::model::loss::masked_mean_nll_from_hidden(
+            &model,
+            &hidden.narrow(1, 0, n).unwrap(),
+            &targets,
+            &mask,
+        )
+        .unwrap()
+    };
+    assert_eq!(full.1, 4);
+    assert_eq!(sparse.1, 4);
+    let (a, b) = (
+        full.0.to_scalar::<f32>().unwrap(),
+        sparse.0.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "loss {a} vs {b}");
+    let (ga, gb) = (full.0.backward().unwrap(), sparse.0.backward().unwrap());
+    for (name, var) in adapters::trainable_vars(&model) {
+        let x = ga.get(var.as_tensor()).expect("full-head gradient");
+        let y = gb.get(var.as_tensor()).expect("sparse-head gradient");
+        let scale = x
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(x, y);
+        assert!(
+            diff <= 1e-5 * scale.max(1e-6),
+            "{name}: {diff} (scale {scale})"
+        );
+    }
+    // No target at all: a zero loss that still backpropagates.
+    let none = Tensor::zeros((1, n), DType::F32, &Device::Cpu).unwrap();
+    let hidden = model.forward_hidden(&ids, None, None).unwrap();
+    let (zero, count) = rora::model::loss::masked_mean_nll_from_hidden(
+        &model,
+        &hidden.narrow(1, 0, n).unwrap(),
+        &targets,
+        &none,
+    )
+    .unwrap();
+    assert_eq!(count, 0);
+    assert_eq!(zero.to_scalar::<f32>().unwrap(), 0.0);
+    assert!(zero.backward().is_ok());
+}

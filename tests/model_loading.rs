@@ -184,9 +184,19 @@ fn stories_perplexity_on_its_own_greedy_text_is_low() {
         input = vec![next];
     }
     let text = m.tokenizer.decode(&ids).unwrap();
-    let report =
-        rora::eval::perplexity::perplexity(&m.model, &m.tokenizer, &text, "greedy", 256, true, 1)
-            .unwrap();
+    let report = rora::eval::perplexity::perplexity(
+        &m.model,
+        &m.tokenizer,
+        &text,
+        "greedy",
+        &rora::eval::perplexity::PerplexityOptions {
+            max_len: 256,
+            bos: true,
+            batch_size: 1,
+            max_tokens: None,
+        },
+    )
+    .unwrap();
     println!(
         "stories260K on its own greedy text: {} tokens, ppl {:.3}",
         report.scored_tokens, report.perplexity

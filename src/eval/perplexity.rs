@@ -5,10 +5,11 @@
 use crate::model::loss::target_log_probs;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
 use serde::Serialize;
 use std::fmt::Write;
+use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PerplexityReport {
@@ -48,6 +49,38 @@ impl PerplexityReport {
     }
 }
 
+/// The text to score from `path` (`key` names it in errors): a plain text file as it is,
+/// or, for a `.json` file of LLM-Adapters items (a task's `test.json`), the items'
+/// instructions joined by blank lines — held-out in-domain text for a model fine-tuned
+/// on the training sets.
+pub fn read_scoring_text(path: &Path, key: &str) -> Result<String> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    {
+        let items = crate::train::data::read_instruction_file(path)
+            .with_context(|| format!("{key} {}", path.display()))?;
+        if items.is_empty() {
+            bail!("{key} {} has no items", path.display());
+        }
+        let instructions: Vec<&str> = items.iter().map(|i| i.instruction.as_str()).collect();
+        return Ok(instructions.join("\n\n"));
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {key} {}", path.display()))
+}
+
+/// How a text is cut and scored.
+#[derive(Debug, Clone, Copy)]
+pub struct PerplexityOptions {
+    /// Chunk length in tokens, BOS included.
+    pub max_len: usize,
+    pub bos: bool,
+    /// Chunks per forward pass.
+    pub batch_size: usize,
+    /// Score only the first this many tokens of the text (all when `None`).
+    pub max_tokens: Option<usize>,
+}
+
 /// Scores `text`. With `bos`, each chunk is BOS + up to `max_len - 1` text tokens and every
 /// text token is scored; without, each chunk is `max_len` text tokens and the first token
 /// of each chunk has no context, so it is not scored.
@@ -56,15 +89,22 @@ pub fn perplexity(
     tokenizer: &TextTokenizer,
     text: &str,
     text_name: &str,
-    max_len: usize,
-    bos: bool,
-    batch_size: usize,
+    opts: &PerplexityOptions,
 ) -> Result<PerplexityReport> {
+    let PerplexityOptions {
+        max_len,
+        bos,
+        batch_size,
+        max_tokens,
+    } = *opts;
     let started = std::time::Instant::now();
     if max_len < 2 {
         bail!("max_len must be at least 2");
     }
-    let tokens = tokenizer.encode(text, false)?;
+    let mut tokens = tokenizer.encode(text, false)?;
+    if let Some(n) = max_tokens {
+        tokens.truncate(n);
+    }
     let bos_id = match (bos, tokenizer.bos_id()) {
         (true, None) => {
             bail!("the model's tokenizer has no BOS token; score without BOS (--bos false)")

@@ -112,17 +112,19 @@ pub fn run_eval(
     }
     let perplexity = match (&spec.ppl_text, spec.wants_ppl()) {
         (Some(path), true) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read eval.ppl_text {}", path.display()))?;
+            let text = crate::eval::perplexity::read_scoring_text(path, "eval.ppl_text")?;
             let name = path.display().to_string();
             Some(crate::eval::perplexity::perplexity(
                 model,
                 tok,
                 &text,
                 &name,
-                spec.ppl_max_len,
-                spec.bos,
-                spec.batch_size,
+                &crate::eval::perplexity::PerplexityOptions {
+                    max_len: spec.ppl_max_len,
+                    bos: spec.bos,
+                    batch_size: spec.batch_size,
+                    max_tokens: spec.ppl_max_tokens,
+                },
             )?)
         }
         _ => None,

@@ -67,6 +67,9 @@ pub struct EvalSpec {
     /// `ppl`: chunk length in tokens.
     #[serde(default = "default_ppl_max_len")]
     pub ppl_max_len: usize,
+    /// `ppl`: score only the first N tokens of `ppl_text`.
+    #[serde(default)]
+    pub ppl_max_tokens: Option<usize>,
 }
 
 fn default_ppl_max_len() -> usize {
@@ -133,6 +136,7 @@ impl EvalSpec {
             bos: default_bos(),
             ppl_text: None,
             ppl_max_len: default_ppl_max_len(),
+            ppl_max_tokens: None,
         }
     }
 

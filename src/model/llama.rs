@@ -171,8 +171,18 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let hidden = self.forward_embeds(&self.embed(ids)?, attention_mask, cache)?;
-        self.lm_head(&hidden)
+        self.lm_head(&self.forward_hidden(ids, attention_mask, cache)?)
+    }
+
+    /// Final hidden states (after the last norm), (b, t, hidden): `forward` without the
+    /// output head, for callers that need logits at a few positions only.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(ids)?, attention_mask, cache)
     }
 
     /// Final hidden states (after the last norm), (b, t, hidden), for input embeddings

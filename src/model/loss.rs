@@ -1,6 +1,7 @@
 //! Log-probabilities of target tokens: the one piece of arithmetic that training loss,
 //! perplexity and log-likelihood scoring share.
 
+use super::Llama;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -10,6 +11,39 @@ pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let index = targets.contiguous()?.unsqueeze(D::Minus1)?;
     Ok(log_probs.gather(&index, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+/// `masked_mean_nll` from the final hidden states (b, t, hidden) instead of logits: the
+/// output head (a vocab × hidden matmul, then a log-softmax over the vocabulary) runs only
+/// at the positions where `mask` (b, t) is 1. With `train_on_inputs: false` those are the
+/// few response tokens of each example, and with SmolLM2's 49,152-word vocabulary the head
+/// at every position cost more than a quarter of a training step and most of its memory.
+pub fn masked_mean_nll_from_hidden(
+    model: &Llama,
+    hidden: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, usize)> {
+    let (b, t, h) = hidden.dims3()?;
+    let flags = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut keep: Vec<u32> = (0..flags.len() as u32)
+        .filter(|&i| flags[i as usize] != 0.0)
+        .collect();
+    let count = keep.len();
+    // No target at all: position 0 with weight 0 keeps the graph (and a zero loss).
+    let weight = if count == 0 {
+        keep.push(0);
+        0.0
+    } else {
+        1.0 / count as f64
+    };
+    let index = Tensor::from_vec(keep, count.max(1), hidden.device())?;
+    let hidden = hidden.reshape((b * t, h))?.index_select(&index, 0)?; // (n, hidden)
+    let targets = targets.flatten_all()?.index_select(&index, 0)?; // (n,)
+    let logits = model.lm_head(&hidden)?.unsqueeze(0)?; // (1, n, vocab)
+    let total = target_log_probs(&logits, &targets.unsqueeze(0)?)?.sum_all()?;
+    let weight = Tensor::new(-weight as f32, total.device())?;
+    Ok(((total * weight)?, count))
 }
 
 /// Mean negative log-likelihood over the positions where `mask` (b, t) is 1, and the

@@ -3,7 +3,7 @@
 use super::run_dir::{now_rfc3339, RunDir};
 use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
 use crate::adapters::{self, dropout::DropoutKey, AttachSpec};
-use crate::eval::perplexity::perplexity;
+use crate::eval::perplexity::{perplexity, read_scoring_text, PerplexityOptions};
 use crate::export::{self, ExportSpec};
 use crate::fsx;
 use crate::inspect::ShapeReport;
@@ -245,16 +245,18 @@ fn run_inspect(spec: InspectSpec, ctx: &mut RunContext) -> Result<()> {
 
 fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
     let loaded = ctx.model("ppl")?;
-    let text = std::fs::read_to_string(&spec.text)
-        .with_context(|| format!("cannot read ppl.text {}", spec.text.display()))?;
+    let text = read_scoring_text(&spec.text, "ppl.text")?;
     let report = perplexity(
         &loaded.model,
         &loaded.tokenizer,
         &text,
         &spec.text.display().to_string(),
-        spec.max_len,
-        spec.bos,
-        spec.batch_size,
+        &PerplexityOptions {
+            max_len: spec.max_len,
+            bos: spec.bos,
+            batch_size: spec.batch_size,
+            max_tokens: spec.max_tokens,
+        },
     )?;
     let md = report.to_markdown();
     let label = spec.label.as_deref();

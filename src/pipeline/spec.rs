@@ -178,8 +178,11 @@ pub struct InspectSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PplSpec {
-    /// A UTF-8 text file.
+    /// A UTF-8 text file, or an LLM-Adapters `.json` (its instructions are scored).
     pub text: PathBuf,
+    /// Score only the first N tokens of the text.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
     #[serde(default = "default_max_len")]
     pub max_len: usize,
     #[serde(default = "default_true")]
@@ -343,10 +346,23 @@ fn expand_str(s: &str) -> Result<String> {
     let mut rest = s;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
-        let end = rest[start..]
-            .find('}')
-            .ok_or_else(|| anyhow!("unclosed `${{` in `{s}`"))?
-            + start;
+        // The matching `}`: a default may itself hold `${...}`.
+        let mut depth = 0usize;
+        let mut end = None;
+        for (i, c) in rest[start..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(start + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let end = end.ok_or_else(|| anyhow!("unclosed `${{` in `{s}`"))?;
         let inner = &rest[start + 2..end];
         let (var, default) = match inner.split_once(":-") {
             Some((v, d)) => (v, Some(d)),
@@ -354,7 +370,7 @@ fn expand_str(s: &str) -> Result<String> {
         };
         match (std::env::var(var).ok().filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
-            (None, Some(d)) => out.push_str(d),
+            (None, Some(d)) => out.push_str(&expand_str(d)?),
             (None, None) => bail!(
                 "`{s}` uses ${{{var}}} but {var} is not set; set it or write ${{{var}:-default}}"
             ),
@@ -439,4 +455,22 @@ fn set_path(node: &mut Value, path: &[&str], value: Value) -> Result<()> {
         .entry(Value::String(path[0].to_string()))
         .or_insert(Value::Null);
     set_path(child, &path[1..], value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_str;
+
+    #[test]
+    fn defaults_may_nest_variables() {
+        // PATH is set in any test environment; the unset name is unlikely to be.
+        let path = std::env::var("PATH").expect("PATH is set");
+        let got = expand_str("${RORA_TEST_SURELY_UNSET_VAR:-${PATH}/x}/y").expect("expands");
+        assert_eq!(got, format!("{path}/x/y"));
+        assert_eq!(
+            expand_str("a${RORA_TEST_SURELY_UNSET_VAR:-b}c").expect("expands"),
+            "abc"
+        );
+        assert!(expand_str("${RORA_TEST_SURELY_UNSET_VAR:-${PATH}").is_err());
+    }
 }

@@ -7,7 +7,7 @@
 use crate::model::linear::Linear;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PruneSpec {
-    /// UTF-8 text for the calibration activations.
+    /// The calibration text: a UTF-8 file, or an LLM-Adapters `.json` (its instructions).
     pub calibration: PathBuf,
     /// Calibration sequences (BOS + `seq_len - 1` tokens each).
     #[serde(default = "d_samples")]
@@ -126,12 +126,7 @@ pub fn prune(model: &mut Llama, tok: &TextTokenizer, spec: &PruneSpec) -> Result
     let params_before = model.num_params();
 
     // 1. Calibration: record the inputs of o_proj and down_proj.
-    let text = std::fs::read_to_string(&spec.calibration).with_context(|| {
-        format!(
-            "cannot read prune.calibration {}",
-            spec.calibration.display()
-        )
-    })?;
+    let text = crate::eval::perplexity::read_scoring_text(&spec.calibration, "prune.calibration")?;
     let tokens = tok.encode(&text, false)?;
     let samples: Vec<Vec<u32>> = tokens
         .chunks(spec.seq_len - 1)

@@ -8,7 +8,7 @@ pub mod optim;
 pub mod schedule;
 
 use crate::adapters::{dropout::DropoutKey, trainable_vars};
-use crate::model::loss::masked_mean_nll;
+use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, TextTokenizer};
 use crate::report::plot::{line_chart, Series};
 use crate::{fsx, progress};
@@ -471,10 +471,10 @@ fn next_token_loss(
 ) -> Result<(Tensor, usize, u64)> {
     let (ids, mask, targets, target_mask) = collate(batch, device)?;
     let width = ids.dim(1)?;
-    let logits = model
-        .forward(&ids, Some(&mask), None)?
+    let hidden = model
+        .forward_hidden(&ids, Some(&mask), None)?
         .narrow(1, 0, width - 1)?;
-    let (loss, count) = masked_mean_nll(&logits, &targets, &target_mask)?;
+    let (loss, count) = masked_mean_nll_from_hidden(model, &hidden, &targets, &target_mask)?;
     let real_tokens = batch.iter().map(|e| e.ids.len() as u64).sum();
     Ok((loss, count, real_tokens))
 }
