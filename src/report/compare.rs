@@ -2,16 +2,19 @@
 //! the difference of the last run against the first with a 95% interval, and a grouped
 //! bar chart.
 
+use super::paired::{self, read_answers, Answers, PairedRow};
 use crate::eval::{EvalReport, ProtocolResult, TaskResult};
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use std::fmt::Write;
 use std::path::Path;
 
-/// A labelled report read from `eval-<label>.json`.
+/// A labelled report read from `eval-<label>.json`, with its per-question answers from
+/// `eval-<label>.jsonl` when that file is beside it.
 pub struct Row {
     pub label: String,
     pub report: EvalReport,
+    pub answers: Option<Answers>,
 }
 
 pub fn read_report(path: &Path, label: Option<String>) -> Result<Row> {
@@ -35,7 +38,17 @@ pub fn read_report(path: &Path, label: Option<String>) -> Result<Row> {
             format!("{run}/{}", report.label)
         }
     });
-    Ok(Row { label, report })
+    let jsonl = path.with_extension("jsonl");
+    let answers = if jsonl.exists() {
+        Some(read_answers(&jsonl)?)
+    } else {
+        None
+    };
+    Ok(Row {
+        label,
+        report,
+        answers,
+    })
 }
 
 /// Newcombe's interval (method 10) for the difference of two independent proportions,
@@ -112,6 +125,28 @@ pub fn to_markdown(rows: &[Row]) -> String {
             }
         }
         s.push('\n');
+    }
+    let paired_rows: Option<Vec<PairedRow>> = rows
+        .iter()
+        .map(|r| {
+            r.answers.as_ref().map(|answers| PairedRow {
+                label: &r.label,
+                answers,
+            })
+        })
+        .collect();
+    if let Some(paired_rows) = paired_rows {
+        let tasks: Vec<_> = first
+            .report
+            .protocols
+            .iter()
+            .flat_map(|p| {
+                p.tasks
+                    .iter()
+                    .map(move |t| (p.protocol, t.task, t.column.clone()))
+            })
+            .collect();
+        s.push_str(&paired::to_markdown(&paired_rows, &tasks));
     }
     if rows.iter().any(|r| r.report.perplexity.is_some()) {
         let _ = writeln!(
