@@ -339,6 +339,22 @@ fn compare_prints_rows_and_the_difference_and_draws_bars() {
         report.contains("### Perplexity") && report.contains("stories260K-heldout.txt"),
         "{report}"
     );
+    // Paired tests on the same 8 questions per task, from the per-question records: the
+    // before → after row for each task with its counts and a verdict.
+    assert!(
+        report.contains("### Paired tests (same questions)"),
+        "{report}"
+    );
+    for task in ["ARC-e", "PIQA"] {
+        let row = report
+            .lines()
+            .find(|l| l.starts_with("| before → after | Content |") && l.contains(task))
+            .unwrap_or_else(|| panic!("no paired row for {task}:\n{report}"));
+        assert!(
+            row.contains("| 8 |") && (row.contains("within noise") || row.contains("(p < 0.05)")),
+            "{row}"
+        );
+    }
     let svg = tmp.path().join("bars.svg");
     let out = recover(&[
         "compare",
