@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""transformers peer of `recover bench eval`: multiple-choice scoring, the straightforward way.
+
+The same shape as `recover bench eval`: LlamaForCausalLM (hidden 512, 6 layers, 8 heads,
+MLP 1376, vocab 1000, random init, f32), 64 questions of a 96-token random prompt with 4
+options of 4 random tokens, 8 questions per batch. Each batch is one forward pass over its
+8 x 4 (prompt + option) sequences; an option's score is the sum of its tokens'
+log-probabilities. One untimed pass, then timed passes; the median gives questions/s.
+
+    python transformers_eval.py [--runs 5] [--questions 64] [--vocab 1000] [--threads 2] [--bf16]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--questions", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    prompt_len, options, option_len, batch = 96, 4, 4, 8
+    cfg = LlamaConfig(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1376,
+        vocab_size=args.vocab,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = torch.randint(0, args.vocab, (args.questions, 1, prompt_len))
+    opts = torch.randint(0, args.vocab, (args.questions, options, option_len))
+    # (questions, options, prompt_len + option_len)
+    seqs = torch.cat([prompts.expand(-1, options, -1), opts], dim=2)
+
+    def one_pass():
+        total = 0.0
+        with torch.inference_mode(), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=args.bf16
+        ):
+            for q in range(0, args.questions, batch):
+                ids = seqs[q : q + batch].reshape(-1, prompt_len + option_len)
+                logits = model(input_ids=ids).logits.float()
+                # Positions prompt_len-1 .. end-1 predict the option's tokens.
+                lp = torch.log_softmax(logits[:, prompt_len - 1 : -1], dim=-1)
+                tgt = ids[:, prompt_len:].unsqueeze(-1)
+                total += lp.gather(-1, tgt).sum().item()
+        return total
+
+    one_pass()
+    run_s = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        score_sum = one_pass()
+        run_s.append(time.perf_counter() - t0)
+    med = statistics.median(run_s)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peer": "transformers",
+                "dtype": "bf16-autocast" if args.bf16 else "f32",
+                "threads": torch.get_num_threads(),
+                "questions": args.questions,
+                "run_s": run_s,
+                "median_run_s": med,
+                "questions_per_s": args.questions / med,
+                "tokens_per_run": int(seqs.numel()),
+                "score_sum": score_sum,
+                "peak_rss_bytes": peak,
+                "versions": {
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
