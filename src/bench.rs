@@ -311,16 +311,12 @@ pub struct TrainBenchReport {
     pub median_optimizer_s: f64,
     /// tokens_per_step / median_step_s.
     pub tokens_per_s: f64,
-    /// Useful FLOPs per token: 4·P (forward 2·P, input gradients 2·P, frozen base) plus
-    /// attention scores (12·L·T·h·hd: forward 4, backward 8) plus LoRA (6 per adapter param).
+    /// FLOPs per token: 4·P (forward 2·P, input gradients 2·P; the frozen weights get no
+    /// gradient, see `model::frozen_matmul`) plus attention scores (12·L·T·h·hd: forward 4,
+    /// backward 8) plus LoRA (6 per adapter param).
     pub useful_flops_per_token: f64,
-    /// `useful_flops_per_token` plus the 2·P of weight gradients that candle's backward
-    /// computes for the frozen weights too (and then drops).
-    pub executed_flops_per_token: f64,
     /// useful_flops_per_token × tokens_per_s / 1e9.
     pub useful_gflops: f64,
-    /// executed_flops_per_token × tokens_per_s / 1e9.
-    pub executed_gflops: f64,
     /// Loss of the first and of the last step (random data: about ln(vocab)).
     pub first_loss: f64,
     pub last_loss: f64,
@@ -365,10 +361,6 @@ impl TrainBenchReport {
             (
                 "useful GFLOP/s (4·P + attention + LoRA)",
                 format!("{:.2}", self.useful_gflops),
-            ),
-            (
-                "executed GFLOP/s (+2·P frozen weight grads)",
-                format!("{:.2}", self.executed_gflops),
             ),
             (
                 "params: base / matmul P / trainable",
@@ -487,7 +479,6 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     let attention = 12.0 * (spec.layers * t * spec.heads * (spec.hidden / spec.heads)) as f64;
     let lora = 6.0 * attached.trainable_params as f64;
     let useful_flops_per_token = 4.0 * p + attention + lora;
-    let executed_flops_per_token = useful_flops_per_token + 2.0 * p;
     Ok(TrainBenchReport {
         spec: spec.clone(),
         dtype: "f32",
@@ -503,9 +494,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         median_optimizer_s: median(&phases[2]),
         tokens_per_s,
         useful_flops_per_token,
-        executed_flops_per_token,
         useful_gflops: useful_flops_per_token * tokens_per_s / 1e9,
-        executed_gflops: executed_flops_per_token * tokens_per_s / 1e9,
         first_loss,
         last_loss,
         rss_after_setup_bytes,
