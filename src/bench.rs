@@ -79,12 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..TrainBenchSpec::default()
             };
             let report = bench_train(&spec)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.to_markdown());
-            }
-            Ok(())
+            print_report(&report, &report.to_markdown(), a.json)
         }
         BenchCommand::Eval(a) => {
             let spec = EvalBenchSpec {
@@ -97,14 +92,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..EvalBenchSpec::default()
             };
             let report = bench_eval(&spec)?;
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.to_markdown());
-            }
-            Ok(())
+            print_report(&report, &report.to_markdown(), a.json)
         }
     }
+}
+
+/// One JSON object with `--json`, else the Markdown table.
+fn print_report(report: &impl Serialize, markdown: &str, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{markdown}");
+    }
+    Ok(())
 }
 
 /// The scoring benchmark: questions of random tokens on `random_model(model)` (only the

@@ -4,20 +4,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn recover(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recover"))
-        .args(args)
-        .env("RORA_SHARED", shared_dir())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("recover runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+use std::process::Output;
 
 /// Runs `pipeline_yaml` (written to a temp dir) with its run folder in that dir.
 fn run_yaml(dir: &Path, pipeline_yaml: &str, extra: &[&str]) -> (Output, std::path::PathBuf) {

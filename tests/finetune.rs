@@ -7,16 +7,7 @@ use common::*;
 use rora::adapters::{self, dropout::DropoutKey, AttachSpec};
 use rora::train::{self, data, FinetuneSpec};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn recover(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recover"))
-        .args(args)
-        .env("RORA_SHARED", shared_dir())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("recover runs")
-}
+use std::process::Command;
 
 fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
     serde_yaml_ng::from_str(text).unwrap()

@@ -14,6 +14,21 @@ pub fn shared_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
+/// Runs the `recover` binary offline, with the shared data and without backtraces.
+pub fn recover(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_recover"))
+        .args(args)
+        .env("RORA_SHARED", shared_dir())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("recover runs")
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
 pub fn stories_dir() -> PathBuf {
     shared_dir().join("models/stories260K")
 }
