@@ -2,9 +2,9 @@
 //! per micro-step, and each adapter derives its mask from (key, its own id). A resumed
 //! run sees exactly the masks of an uninterrupted one.
 
+use crate::model::fused::{self, dropout::DropoutMask};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -35,28 +35,28 @@ impl DropoutKey {
         Some(self.0.load(Ordering::SeqCst)).filter(|&k| k != EVAL)
     }
 
+    /// The mask adapter `adapter_id` uses now at rate `p`; `None` when evaluating or
+    /// `p == 0`.
+    pub fn mask(&self, p: f64, adapter_id: u64) -> Option<DropoutMask> {
+        let key = self.current().filter(|_| p > 0.0)?;
+        // Element counters of different adapters must not overlap: ids go in the top bits.
+        Some(DropoutMask::new(
+            key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (adapter_id << 40),
+            p,
+        ))
+    }
+
     /// `x` with inverted dropout at rate `p` (kept values scaled by 1/(1-p)), or `x` itself
     /// when evaluating or `p == 0`. `adapter_id` makes each adapter's mask different.
     pub fn apply(&self, x: &Tensor, p: f64, adapter_id: u64) -> Result<Tensor> {
-        let Some(key) = self.current().filter(|_| p > 0.0) else {
+        let Some(mask) = self.mask(p, adapter_id) else {
             return Ok(x.clone());
         };
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            key.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ adapter_id,
-        );
-        let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        if fused::applies_to(x) {
+            return Ok(fused::dropout::dropout(x, mask)?);
+        }
+        let mask = Tensor::from_vec(mask.values(x.elem_count()), x.shape(), x.device())?;
+        Ok((x * mask.to_dtype(x.dtype())?)?)
     }
 }
 

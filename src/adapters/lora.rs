@@ -3,6 +3,7 @@
 
 use super::dropout::{to_f32, DropoutKey};
 use crate::model::frozen_matmul::frozen_matmul_t;
+use crate::model::fused;
 use crate::model::linear::matmul_t;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
@@ -29,6 +30,16 @@ impl LoraAdapter {
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        if [x, weight, a, b].into_iter().all(fused::applies_to) {
+            let mask = self.dropout_key.mask(self.dropout, self.id);
+            return Ok(fused::lora::lora_linear(x, weight, a, b, self.scale, mask)?);
+        }
+        self.forward_composite(x, weight)
+    }
+
+    /// The same from candle's differentiable ops: any dtype and device.
+    pub fn forward_composite(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let base = frozen_matmul_t(x, weight)?;
         let dropped = self.dropout_key.apply(x, self.dropout, self.id)?;
         let delta = self.delta(&dropped)?;

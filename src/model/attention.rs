@@ -1,5 +1,6 @@
 //! Grouped-query self-attention with a causal + padding mask and an optional KV cache.
 
+use super::fused;
 use super::linear::Linear;
 use super::rope::apply_rotary;
 use anyhow::Result;
@@ -49,24 +50,50 @@ impl Attention {
             }
             cache.0 = Some((k.clone(), v.clone()));
         }
-        let k = repeat_kv(&k, h / kvh)?;
-        let v = repeat_kv(&v, h / kvh)?;
-
-        // Scores and softmax in f32, as Hugging Face does, whatever the weights' dtype.
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // (b, h, t, hd)
+        let out = scaled_dot_product(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
         self.o_proj.forward(&out)
     }
+}
+
+/// `softmax(scale · q kᵀ + mask) v` with `q` (b, heads, t, hd), `k`/`v` (b, kv_heads, T, hd)
+/// and an additive `mask` (b, 1, t, T): our fused kernel for f32 on the CPU, candle's ops
+/// elsewhere.
+pub fn scaled_dot_product(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if [q, k, v].into_iter().all(fused::applies_to) && mask.is_none_or(fused::applies_to) {
+        return Ok(fused::attention::attention(q, k, v, mask, scale)?);
+    }
+    scaled_dot_product_composite(q, k, v, mask, scale)
+}
+
+/// The same from candle's differentiable ops: any dtype and device. Scores and softmax in
+/// f32, as Hugging Face does, whatever the weights' dtype.
+pub fn scaled_dot_product_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let k = repeat_kv(k, n_rep)?;
+    let v = repeat_kv(v, n_rep)?;
+    let scores = (q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+    Ok(probs.matmul(&v)?)
 }
 
 /// (b, kv_heads, T, hd) → (b, kv_heads * n_rep, T, hd), each kv head repeated for its

@@ -1,13 +1,27 @@
 //! Log-probabilities of target tokens: the one piece of arithmetic that training loss,
 //! perplexity and log-likelihood scoring share.
 
-use super::Llama;
+use super::{fused, Llama};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
 /// `logits` (b, t, vocab) at positions that predict `targets` (b, t) u32 → log p(target)
 /// (b, t) in f32. Differentiable.
 pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused::applies_to(logits) {
+        let (b, t, vocab) = logits.dims3()?;
+        let ids = targets
+            .flatten_all()?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        let rows = logits.reshape((b * t, vocab))?;
+        return Ok(fused::cross_entropy::target_log_probs(&rows, ids)?.reshape((b, t))?);
+    }
+    target_log_probs_composite(logits, targets)
+}
+
+/// The same from candle's differentiable ops: any dtype and device.
+pub fn target_log_probs_composite(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let index = targets.contiguous()?.unsqueeze(D::Minus1)?;
     Ok(log_probs.gather(&index, D::Minus1)?.squeeze(D::Minus1)?)

@@ -1,5 +1,6 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
+use super::fused;
 use super::linear::Linear;
 use anyhow::Result;
 use candle_core::Tensor;
@@ -14,7 +15,21 @@ pub struct Mlp {
 impl Mlp {
     /// `x`: (b, t, hidden) → (b, t, hidden).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&silu_mul(&gate, &up)?)
     }
+}
+
+/// `silu(gate) · up`: our fused kernel for f32 on the CPU, candle's ops elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused::applies_to(gate) && fused::applies_to(up) {
+        return Ok(fused::swiglu::swiglu(gate, up)?);
+    }
+    silu_mul_composite(gate, up)
+}
+
+/// The same from candle's differentiable ops: any dtype and device.
+pub fn silu_mul_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((candle_nn::ops::silu(gate)? * up)?)
 }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod config;
 pub mod frozen_matmul;
+pub mod fused;
 pub mod gguf;
 pub mod hub;
 pub mod linear;

@@ -1,9 +1,8 @@
-//! RMSNorm built from differentiable ops.
-//!
-//! candle's fused `ops::rms_norm` records no backward pass (its gradient is silently
-//! missing), so training needs this composite form. It follows Hugging Face's
-//! `LlamaRMSNorm`: normalise in f32, cast back, then scale.
+//! RMSNorm, following Hugging Face's `LlamaRMSNorm`: normalise in f32, cast back, then
+//! scale. f32 on the CPU runs our fused kernel; elsewhere a composite of differentiable
+//! ops (candle's own fused `ops::rms_norm` records no backward pass).
 
+use super::fused;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -24,6 +23,14 @@ impl RmsNorm {
 
     /// `x`: (..., hidden) → same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::applies_to(x) && fused::applies_to(&self.weight) {
+            return Ok(fused::rms_norm::rms_norm(x, &self.weight, self.eps)?);
+        }
+        self.forward_composite(x)
+    }
+
+    /// The same from candle's differentiable ops: any dtype and device.
+    pub fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let mean_sq = x32.sqr()?.mean_keepdim(D::Minus1)?;

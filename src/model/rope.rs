@@ -1,9 +1,10 @@
 //! Rotary position embeddings in the rotate-half layout Hugging Face uses for Llama
 //! (q/k rows stored as [first halves | second halves] of each head), with optional
-//! Llama-3 frequency scaling. Built from differentiable ops (candle's fused `rope`
-//! has no backward pass).
+//! Llama-3 frequency scaling. f32 on the CPU runs our fused kernel; elsewhere a composite
+//! of differentiable ops (candle's fused `rope` has no backward pass).
 
 use super::config::LlamaConfig;
+use super::fused;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -69,6 +70,14 @@ impl RotaryEmbedding {
 
 /// `x`: (b, heads, t, head_dim); `cos`/`sin`: (b, 1, t, head_dim).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused::applies_to(x) && fused::applies_to(cos) && fused::applies_to(sin) {
+        return Ok(fused::rope::rope(x, cos, sin)?);
+    }
+    apply_rotary_composite(x, cos, sin)
+}
+
+/// The same from candle's differentiable ops: any dtype and device.
+pub fn apply_rotary_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;

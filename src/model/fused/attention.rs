@@ -1,0 +1,296 @@
+//! Scaled dot-product attention for grouped-query heads, one (batch row, kv head) group
+//! per task: `O = softmax(scale · Q Kᵀ + mask) V`.
+//!
+//! Only a (t × T) score block per task exists at a time; neither the (b, heads, t, T)
+//! scores nor the repeated keys and values are materialised, and the backward pass
+//! recomputes the probabilities instead of keeping them. Backward, per head:
+//! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
+//! `dQ = scale · dS K`, `dK = scale · dSᵀ Q` (dK and dV summed over the group's heads).
+
+use super::{cpu_f32, gemm, with_f32, Mat};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `q`: (b, heads, t, hd); `k`, `v`: (b, kv_heads, T, hd); `mask`: additive (b, 1, t, T)
+/// or `None` when every key is visible → (b, heads, t, hd). All f32 on the CPU; `heads`
+/// a multiple of `kv_heads` (query head `i` reads kv head `i / (heads / kv_heads)`).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, heads, t, hd) = q.dims4()?;
+    let (kb, kv_heads, tk, khd) = k.dims4()?;
+    if kb != b || khd != hd || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if let Some(m) = mask {
+        if m.dims() != [b, 1, t, tk] {
+            bail!(
+                "attention: mask {:?}, expected [{b}, 1, {t}, {tk}]",
+                m.dims()
+            );
+        }
+    }
+    let op = AttentionOp {
+        dims: Dims {
+            heads,
+            kv_heads,
+            t,
+            tk,
+            hd,
+        },
+        mask: mask.map(Tensor::contiguous).transpose()?,
+        scale: scale as f32,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    heads: usize,
+    kv_heads: usize,
+    /// Query positions.
+    t: usize,
+    /// Key positions.
+    tk: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+struct AttentionOp {
+    dims: Dims,
+    mask: Option<Tensor>,
+    scale: f32,
+}
+
+/// The inputs of one (batch row, kv head) task.
+struct Group<'a> {
+    /// The group's query heads, (group, t, hd).
+    q: &'a [f32],
+    /// (T, hd)
+    k: &'a [f32],
+    v: &'a [f32],
+    /// (t, T), or empty when every key is visible.
+    mask: &'a [f32],
+}
+
+impl AttentionOp {
+    /// The inputs of group `i` = batch row · kv_heads + kv head.
+    fn group<'a>(
+        &self,
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        mask: &'a [f32],
+        i: usize,
+    ) -> Group<'a> {
+        let d = self.dims;
+        let (qn, kn, mn) = (d.group() * d.t * d.hd, d.tk * d.hd, d.t * d.tk);
+        let row = i / d.kv_heads;
+        Group {
+            q: &q[i * qn..][..qn],
+            k: &k[i * kn..][..kn],
+            v: &v[i * kn..][..kn],
+            mask: if mask.is_empty() {
+                mask
+            } else {
+                &mask[row * mn..][..mn]
+            },
+        }
+    }
+
+    /// `p` (t × T) ← softmax(scale · q kᵀ + mask) for one query head `q` (t × hd).
+    fn probs(&self, q: &[f32], g: &Group, p: &mut [f32]) {
+        let Dims { t, tk, hd, .. } = self.dims;
+        gemm(
+            (t, tk, hd),
+            p,
+            false,
+            Mat::rows(q, hd),
+            Mat::transposed(g.k, hd),
+            self.scale,
+        );
+        if !g.mask.is_empty() {
+            p.iter_mut().zip(g.mask).for_each(|(s, m)| *s += m);
+        }
+        p.chunks_mut(tk).for_each(softmax_in_place);
+    }
+
+    fn with_mask<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        match &self.mask {
+            Some(m) => with_f32(m, "fused-attention", f),
+            None => f(&[]),
+        }
+    }
+}
+
+/// Softmax of one row of scores. Scores more than 88 below the maximum underflow to 0 in
+/// f32 anyway; skipping their `exp` skips the masked half of a causal block.
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in row.iter_mut() {
+        let d = *s - max;
+        *s = if d < -88.0 { 0.0 } else { d.exp() };
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            cpu_f32(q, q_layout, self.name())?,
+            cpu_f32(k, k_layout, self.name())?,
+            cpu_f32(v, v_layout, self.name())?,
+        );
+        let Dims { t, tk, hd, .. } = self.dims;
+        let mut out = vec![0f32; q.len()];
+        self.with_mask(|mask| {
+            out.par_chunks_mut(self.dims.group() * t * hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let g = self.group(q, k, v, mask, i);
+                    let mut p = vec![0f32; t * tk];
+                    for (qh, oh) in g.q.chunks(t * hd).zip(out.chunks_mut(t * hd)) {
+                        self.probs(qh, &g, &mut p);
+                        gemm(
+                            (t, hd, tk),
+                            oh,
+                            false,
+                            Mat::rows(&p, tk),
+                            Mat::rows(g.v, hd),
+                            1.0,
+                        );
+                    }
+                });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), q_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let (dq, dk, dv) = with_f32(q, n, |q| {
+            with_f32(k, n, |k| {
+                with_f32(v, n, |v| {
+                    with_f32(grad_out, n, |d_out| {
+                        self.with_mask(|mask| Ok(self.backward(q, k, v, mask, d_out)))
+                    })
+                })
+            })
+        })?;
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, k.shape(), device)?),
+            Some(Tensor::from_vec(dv, v.shape(), device)?),
+        ))
+    }
+}
+
+impl AttentionOp {
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        d_out: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Dims { t, tk, hd, .. } = self.dims;
+        let qn = self.dims.group() * t * hd;
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        dq.par_chunks_mut(qn)
+            .zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd)))
+            .enumerate()
+            .for_each(|(i, (dq, (dk, dv)))| {
+                let g = self.group(q, k, v, mask, i);
+                let d_out = &d_out[i * qn..][..qn];
+                let (mut p, mut ds) = (vec![0f32; t * tk], vec![0f32; t * tk]);
+                let heads = g.q.chunks(t * hd).zip(d_out.chunks(t * hd));
+                for (r, ((qh, doh), dqh)) in heads.zip(dq.chunks_mut(t * hd)).enumerate() {
+                    let accumulate = r > 0;
+                    self.probs(qh, &g, &mut p);
+                    // dV += Pᵀ dO
+                    gemm(
+                        (tk, hd, t),
+                        dv,
+                        accumulate,
+                        Mat::transposed(&p, tk),
+                        Mat::rows(doh, hd),
+                        1.0,
+                    );
+                    // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) in place.
+                    gemm(
+                        (t, tk, hd),
+                        &mut ds,
+                        false,
+                        Mat::rows(doh, hd),
+                        Mat::transposed(g.v, hd),
+                        1.0,
+                    );
+                    for (ds, p) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+                        let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
+                        ds.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+                    }
+                    // dQ = scale · dS K;  dK += scale · dSᵀ Q
+                    gemm(
+                        (t, hd, tk),
+                        dqh,
+                        false,
+                        Mat::rows(&ds, tk),
+                        Mat::rows(g.k, hd),
+                        self.scale,
+                    );
+                    gemm(
+                        (tk, hd, t),
+                        dk,
+                        accumulate,
+                        Mat::transposed(&ds, tk),
+                        Mat::rows(qh, hd),
+                        self.scale,
+                    );
+                }
+            });
+        (dq, dk, dv)
+    }
+}

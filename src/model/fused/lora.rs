@@ -1,0 +1,225 @@
+//! A frozen projection with a LoRA update as one op:
+//! `y = x Wᵀ + γ · drop(x) Aᵀ Bᵀ` for `x` (rows, in), `W` (out, in), `A` (r, in), `B` (out, r).
+//!
+//! As separate candle ops this was five nodes (dropout, two matmuls, a scale, an add),
+//! each with a full-size result and a full-size gradient pass. Here the update is
+//! accumulated straight into the base product, and the backward pass is four products
+//! and one masked add: with `d = drop(x) Aᵀ` and `u = γ · dy B`,
+//! `dB = γ · dyᵀ d`, `dA = uᵀ drop(x)`, `dx = dy W + mask ⊙ (u A)`.
+//! `W` gets no gradient.
+
+use super::dropout::DropoutMask;
+use super::{cpu_f32, gemm, gemm_par, with_f32, Mat};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
+
+/// `x`: (..., in), `weight`: (out, in), `a`: (r, in), `b`: (out, r), all f32 on the CPU →
+/// (..., out). `dropout`: the mask on the update's input, if any.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<DropoutMask>,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim.max(1);
+    let (out_dim, w_in) = weight.dims2()?;
+    let (rank, a_in) = a.dims2()?;
+    if w_in != in_dim || a_in != in_dim || b.dims() != [out_dim, rank] {
+        bail!(
+            "lora: input (..., {in_dim}), weight {:?}, A {:?}, B {:?} do not fit together",
+            weight.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let op = LoraOp {
+        weight: weight.contiguous()?,
+        shape: (rows, in_dim, out_dim, rank),
+        scale: scale as f32,
+        dropout,
+    };
+    let y = x.reshape((rows, in_dim))?.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    y.reshape(out_dims)
+}
+
+struct LoraOp {
+    /// (out, in), frozen.
+    weight: Tensor,
+    /// (rows, in, out, r)
+    shape: (usize, usize, usize, usize),
+    scale: f32,
+    dropout: Option<DropoutMask>,
+}
+
+impl LoraOp {
+    /// The update's input: `x` itself, or `x` with the dropout mask applied.
+    fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match &self.dropout {
+            Some(mask) => Cow::Owned(mask.apply(x)),
+            None => Cow::Borrowed(x),
+        }
+    }
+
+    /// `drop(x) Aᵀ`, (rows, r).
+    fn down(&self, xd: &[f32], a: &[f32]) -> Vec<f32> {
+        let (rows, in_dim, _, rank) = self.shape;
+        let mut d = vec![0f32; rows * rank];
+        gemm(
+            (rows, rank, in_dim),
+            &mut d,
+            false,
+            Mat::rows(xd, in_dim),
+            Mat::transposed(a, in_dim),
+            1.0,
+        );
+        d
+    }
+}
+
+impl CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, in_dim, out_dim, rank) = self.shape;
+        let x = cpu_f32(x, x_layout, self.name())?;
+        let a = cpu_f32(a, a_layout, self.name())?;
+        let b = cpu_f32(b, b_layout, self.name())?;
+        let down = self.down(&self.dropped(x), a);
+        let mut y = vec![0f32; rows * out_dim];
+        with_f32(&self.weight, self.name(), |w| {
+            gemm_par(
+                (rows, out_dim, in_dim),
+                &mut y,
+                false,
+                Mat::rows(x, in_dim),
+                Mat::transposed(w, in_dim),
+                1.0,
+            );
+            Ok(())
+        })?;
+        gemm_par(
+            (rows, out_dim, rank),
+            &mut y,
+            true,
+            Mat::rows(&down, rank),
+            Mat::transposed(b, rank),
+            self.scale,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, in_dim, out_dim, rank) = self.shape;
+        let n = self.name();
+        let (dx, da, db) = with_f32(x, n, |x| {
+            with_f32(a, n, |a| {
+                with_f32(b, n, |b| {
+                    with_f32(grad_y, n, |dy| {
+                        with_f32(&self.weight, n, |w| {
+                            let xd = self.dropped(x);
+                            let down = self.down(&xd, a);
+                            // dB = γ · dyᵀ down  (out, r)
+                            let mut db = vec![0f32; out_dim * rank];
+                            gemm(
+                                (out_dim, rank, rows),
+                                &mut db,
+                                false,
+                                Mat::transposed(dy, out_dim),
+                                Mat::rows(&down, rank),
+                                self.scale,
+                            );
+                            // u = γ · dy B  (rows, r)
+                            let mut u = vec![0f32; rows * rank];
+                            gemm(
+                                (rows, rank, out_dim),
+                                &mut u,
+                                false,
+                                Mat::rows(dy, out_dim),
+                                Mat::rows(b, rank),
+                                self.scale,
+                            );
+                            // dA = uᵀ drop(x)  (r, in)
+                            let mut da = vec![0f32; rank * in_dim];
+                            gemm(
+                                (rank, in_dim, rows),
+                                &mut da,
+                                false,
+                                Mat::transposed(&u, rank),
+                                Mat::rows(&xd, in_dim),
+                                1.0,
+                            );
+                            // dx = dy W + mask ⊙ (u A)
+                            let mut dx = vec![0f32; rows * in_dim];
+                            gemm_par(
+                                (rows, in_dim, out_dim),
+                                &mut dx,
+                                false,
+                                Mat::rows(dy, out_dim),
+                                Mat::rows(w, in_dim),
+                                1.0,
+                            );
+                            match &self.dropout {
+                                None => gemm_par(
+                                    (rows, in_dim, rank),
+                                    &mut dx,
+                                    true,
+                                    Mat::rows(&u, rank),
+                                    Mat::rows(a, in_dim),
+                                    1.0,
+                                ),
+                                Some(mask) => {
+                                    let mut ua = vec![0f32; rows * in_dim];
+                                    gemm_par(
+                                        (rows, in_dim, rank),
+                                        &mut ua,
+                                        false,
+                                        Mat::rows(&u, rank),
+                                        Mat::rows(a, in_dim),
+                                        1.0,
+                                    );
+                                    mask.apply_add(&ua, &mut dx);
+                                }
+                            }
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(da, a.shape(), device)?),
+            Some(Tensor::from_vec(db, b.shape(), device)?),
+        ))
+    }
+}

@@ -1,0 +1,189 @@
+//! Fused CPU kernels with hand-written backward passes for the element-wise parts of a
+//! layer (RMSNorm, RoPE, SwiGLU, adapter dropout) and for attention.
+//!
+//! Built from candle's composite ops, each of these records a chain of broadcasts and
+//! reductions whose backward pass allocates a full-size tensor per step; on a 2-core CPU
+//! they cost more than every matmul of the layer together. Each kernel here is one pass
+//! forward and one pass backward over the data. They run for f32 tensors on the CPU; the
+//! composite forms stay (next to each caller) for other dtypes and devices, and the tests
+//! check each kernel against them.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod lora;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+
+/// Whether the fused kernels apply to `t`: f32 on the CPU.
+pub fn applies_to(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 values of a contiguous CPU storage.
+fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(values) = storage else {
+        bail!("{op}: expected f32 data, got {:?}", storage.dtype())
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op}: the input is not contiguous")
+    };
+    Ok(&values[start..end])
+}
+
+/// Runs `f` on the f32 values of `t` (made contiguous): backward passes receive tensors,
+/// not storages.
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{op}: the tensor is not on the CPU")
+    };
+    f(cpu_f32(cpu, layout, op)?)
+}
+
+/// A matrix operand for [`gemm`]: its values and the strides of a row and of a column.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major, `cols` wide.
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix `cols` wide.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    /// The largest index an (rows × cols) view touches, plus one.
+    fn extent(&self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            return 0;
+        }
+        (rows - 1) * self.row_stride + (cols - 1) * self.col_stride + 1
+    }
+}
+
+/// `dst (m × n, row-major) = [dst +] scale · lhs (m × k) · rhs (k × n)` on the calling
+/// thread (for kernels that parallelise over heads themselves).
+fn gemm(
+    dims: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+) {
+    gemm_with(
+        dims,
+        dst,
+        accumulate,
+        lhs,
+        rhs,
+        scale,
+        gemm::Parallelism::None,
+    )
+}
+
+/// [`gemm`] on every thread of rayon's pool, for products large enough to share.
+fn gemm_par(
+    dims: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_with(dims, dst, accumulate, lhs, rhs, scale, parallelism)
+}
+
+fn gemm_with(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    assert!(lhs.data.len() >= lhs.extent(m, k), "gemm: lhs too small");
+    assert!(rhs.data.len() >= rhs.extent(k, n), "gemm: rhs too small");
+    // SAFETY: the three extents were checked against the slices above; `dst` is borrowed
+    // mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_matches_naive_products_with_transposes() {
+        let (m, n, k) = (3, 4, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect(); // (n × k)
+        let mut dst = vec![1.0f32; m * n];
+        gemm(
+            (m, n, k),
+            &mut dst,
+            true,
+            Mat::rows(&a, k),
+            Mat::transposed(&bt, k),
+            0.5,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f32 = (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum();
+                let want = 1.0 + 0.5 * dot;
+                assert!((dst[i * n + j] - want).abs() < 1e-5, "({i},{j})");
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Each fused CPU kernel against the composite of candle ops it replaces (the path every
+//! other device and dtype still takes): the same forward values and the same gradient
+//! for every input, through `backward()` of a random projection of the output.
+//!
+//! Tolerances: f32; the kernels sum in a different order than candle (gemm blocking, row
+//! sums), so agreement is to a few ulps (1.2e-7 each) of the largest partial sum, measured
+//! relative to the largest output or gradient: 2e-6 on outputs, 2e-5 on gradients (which
+//! go through one more product).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs_diff;
+use rora::adapters::dropout::DropoutKey;
+use rora::adapters::lora::LoraAdapter;
+use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
+use rora::model::fused::dropout::{dropout, DropoutMask};
+use rora::model::loss::{target_log_probs, target_log_probs_composite};
+use rora::model::mlp::{silu_mul, silu_mul_composite};
+use rora::model::norm::RmsNorm;
+use rora::model::rope::{apply_rotary, apply_rotary_composite};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // candle's CPU randn takes no seed; a fixed pattern keeps the tests deterministic.
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            ((i as f64 * 0.7548776662 + seed as f64 * 0.5698402910).fract() as f32 - 0.5) * 3.4
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn var(shape: &[usize], seed: u64) -> Var {
+    Var::from_tensor(&randn(shape, seed)).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-6)
+}
+
+/// The output difference relative to the largest output, then the largest gradient
+/// difference over `inputs` relative to the largest gradient, for `(out · R).sum()` with a
+/// fixed random `R`.
+fn compare(fused: &Tensor, composite: &Tensor, inputs: &[&Var]) -> (f32, f32) {
+    let out_diff = max_abs_diff(fused, composite) / max_abs(composite);
+    let r = randn(fused.dims(), 99);
+    let g_fused = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_comp = (composite * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut worst = 0f32;
+    for v in inputs {
+        let a = g_fused.get(v).expect("fused kernel gives a gradient");
+        let b = g_comp.get(v).expect("composite gives a gradient");
+        worst = worst.max(max_abs_diff(a, b) / max_abs(b));
+    }
+    (out_diff, worst)
+}
+
+fn assert_close(name: &str, (out, grad): (f32, f32)) {
+    println!("{name}: max |Δ| / max |value|: output {out:.2e}, gradients {grad:.2e}");
+    assert!(out < 2e-6, "{name}: outputs differ by {out} (relative)");
+    assert!(grad < 2e-5, "{name}: gradients differ by {grad} (relative)");
+}
+
+#[test]
+fn rms_norm_matches_composite() {
+    // 150 rows: more than one task of the weight-gradient sum.
+    let x = var(&[3, 50, 64], 1);
+    let w = Var::from_tensor(&(randn(&[64], 2) * 0.3).unwrap().affine(1.0, 1.0).unwrap()).unwrap();
+    let norm = RmsNorm::new(w.as_tensor().clone(), 1e-5);
+    let fused = norm.forward(&x).unwrap();
+    let composite = norm.forward_composite(&x).unwrap();
+    assert_close("rms_norm", compare(&fused, &composite, &[&x, &w]));
+}
+
+#[test]
+fn rope_matches_composite() {
+    let x = var(&[2, 3, 7, 16], 3);
+    let cos = randn(&[2, 1, 7, 16], 4).cos().unwrap();
+    let sin = randn(&[2, 1, 7, 16], 4).sin().unwrap();
+    let fused = apply_rotary(&x, &cos, &sin).unwrap();
+    let composite = apply_rotary_composite(&x, &cos, &sin).unwrap();
+    assert_close("rope", compare(&fused, &composite, &[&x]));
+}
+
+#[test]
+fn swiglu_matches_composite() {
+    let gate = var(&[4, 9, 33], 5);
+    let up = var(&[4, 9, 33], 6);
+    let fused = silu_mul(&gate, &up).unwrap();
+    let composite = silu_mul_composite(&gate, &up).unwrap();
+    assert_close("swiglu", compare(&fused, &composite, &[&gate, &up]));
+}
+
+#[test]
+fn dropout_matches_mask_multiply() {
+    let x = var(&[5, 4000], 7);
+    let mask = DropoutMask::new(1234, 0.1);
+    let fused = dropout(&x, mask).unwrap();
+    let values = Tensor::from_vec(mask.values(x.elem_count()), x.shape(), &Device::Cpu).unwrap();
+    let composite = (x.as_tensor() * values).unwrap();
+    assert_close("dropout", compare(&fused, &composite, &[&x]));
+}
+
+/// Additive mask (b, 1, t, T) of a causal attention over `past` cached positions, with
+/// `pad[b]` left-padding positions in row b (the model's layout; −1e30 as in the model).
+fn causal_mask(b: usize, t: usize, past: usize, pad: &[usize]) -> Tensor {
+    let total = past + t;
+    let mut m = vec![0f32; b * t * total];
+    for r in 0..b {
+        for i in 0..t {
+            for j in 0..total {
+                if j > past + i || j < pad[r] {
+                    m[(r * t + i) * total + j] = -1e30;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, t, total), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_matches_composite_with_grouped_heads_padding_and_cache() {
+    // (query heads, kv heads, new positions, cached positions, mask?)
+    for (heads, kv_heads, t, past, masked) in [
+        (4, 2, 6, 0, true),
+        (3, 3, 5, 0, true),
+        (6, 2, 2, 5, true),
+        (4, 1, 4, 0, false),
+    ] {
+        let (b, hd) = (2, 8);
+        let q = var(&[b, heads, t, hd], 8);
+        let k = var(&[b, kv_heads, past + t, hd], 9);
+        let v = var(&[b, kv_heads, past + t, hd], 10);
+        // Row 0 has two padding positions; with no cache, its first query row is fully
+        // masked (a uniform softmax in both paths).
+        let mask = masked.then(|| causal_mask(b, t, past, &[2, 0]));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let fused = scaled_dot_product(&q, &k, &v, mask.as_ref(), scale).unwrap();
+        let composite = scaled_dot_product_composite(&q, &k, &v, mask.as_ref(), scale).unwrap();
+        let name = format!("attention h{heads}/kv{kv_heads} t{t} past{past} mask {masked}");
+        assert_close(&name, compare(&fused, &composite, &[&q, &k, &v]));
+    }
+}
+
+#[test]
+fn lora_linear_matches_composite_with_and_without_dropout() {
+    for dropout in [0.0, 0.2] {
+        let (in_dim, out_dim, rank) = (24, 40, 4);
+        let x = var(&[3, 7, in_dim], 11);
+        let weight = (randn(&[out_dim, in_dim], 12) * 0.2).unwrap();
+        let key = DropoutKey::default();
+        key.set_train(77);
+        let adapter = LoraAdapter {
+            a: var(&[rank, in_dim], 13),
+            b: var(&[out_dim, rank], 14),
+            scale: 2.5,
+            dropout,
+            dropout_key: key,
+            id: 3,
+        };
+        let fused = adapter.forward(&x, &weight).unwrap();
+        let composite = adapter.forward_composite(&x, &weight).unwrap();
+        let name = format!("lora dropout {dropout}");
+        assert_close(
+            &name,
+            compare(&fused, &composite, &[&x, &adapter.a, &adapter.b]),
+        );
+    }
+}
+
+#[test]
+fn target_log_probs_match_composite() {
+    let logits = var(&[2, 5, 300], 16);
+    let ids: Vec<u32> = (0..10).map(|i| (i * 37 + 5) % 300).collect();
+    let targets = Tensor::from_vec(ids, (2, 5), &Device::Cpu).unwrap();
+    let fused = target_log_probs(&logits, &targets).unwrap();
+    let composite = target_log_probs_composite(&logits, &targets).unwrap();
+    assert_close("target log-probs", compare(&fused, &composite, &[&logits]));
+}
+
+#[test]
+fn kernels_fall_back_for_other_dtypes() {
+    // bf16 takes the composite path and still works.
+    let x = randn(&[2, 3, 16], 15).to_dtype(DType::BF16).unwrap();
+    let norm = RmsNorm::new(Tensor::ones(16, DType::BF16, &Device::Cpu).unwrap(), 1e-5);
+    let y = norm.forward(&x).unwrap();
+    let want = norm.forward_composite(&x).unwrap();
+    assert_eq!(max_abs_diff(&y, &want), 0.0);
+}
