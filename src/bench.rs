@@ -5,6 +5,9 @@
 //! gradients, the global gradient norm with clipping at 1.0, AdamW) on a fixed LLaMA shape
 //! with seeded random weights built in memory, so it needs no files. Its peer in PyTorch +
 //! PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
+//!
+//! `--shape` picks the model's shape for both `train` and `eval` (see [`BenchShape`]): the
+//! small reference shape, or SmolLM2-135M's.
 
 use crate::adapters::{self, dropout::DropoutKey, AttachSpec, Method, MODULES};
 use crate::model::loss::masked_mean_nll_from_hidden;
@@ -12,7 +15,7 @@ use crate::model::{Llama, LlamaConfig, Weights};
 use crate::train::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -26,14 +29,62 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Time LoRA training steps (forward, loss, backward, AdamW) on a fixed random model:
-    /// hidden 512, 6 layers, 8 heads, MLP 1376, batch 8 × 128 tokens, rank-8 LoRA on all 7
-    /// projections. Threads: RAYON_NUM_THREADS (default: all cores).
+    /// Time LoRA training steps (forward, loss, backward, AdamW) on a fixed random model
+    /// (`--shape default`: hidden 512, 6 layers, 8 heads, MLP 1376; `--shape smollm2`:
+    /// SmolLM2-135M's), batch 8 × 128 tokens, rank-8 LoRA on all 7 projections.
+    /// Threads: RAYON_NUM_THREADS (default: all cores).
     Train(BenchTrainArgs),
     /// Time multiple-choice scoring (the `choice` protocol's work: each question's prompt
     /// once, then every option from its KV cache) on the same random model: 64 questions
     /// of a 96-token prompt and 4 options of 4 tokens, 8 questions per batch.
     Eval(BenchEvalArgs),
+}
+
+/// The benchmarked model's shape (`--shape`). Batch, sequence and LoRA settings are the
+/// same for every shape; only the model changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchShape {
+    /// The reference shape: hidden 512, 6 layers, 8 heads (8 kv), MLP 1376, vocab 1000,
+    /// untied head, RMSNorm eps 1e-6, RoPE theta 10000 (`LlamaConfig`'s defaults).
+    #[default]
+    Default,
+    /// SmolLM2-135M's `config.json`: hidden 576, 30 layers, 9 heads (3 kv), MLP 1536,
+    /// vocab 49152, head tied to the embeddings, RMSNorm eps 1e-5, RoPE theta 100000,
+    /// 8192 positions.
+    Smollm2,
+}
+
+impl BenchShape {
+    /// The `--shape` value that selects this shape.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Smollm2 => "smollm2",
+        }
+    }
+
+    /// The benchmark spec at this shape, with the default schedule (batch 8 × 128, LoRA r8).
+    pub fn spec(self) -> TrainBenchSpec {
+        let base = TrainBenchSpec::default();
+        match self {
+            Self::Default => base,
+            Self::Smollm2 => TrainBenchSpec {
+                shape: self,
+                hidden: 576,
+                layers: 30,
+                heads: 9,
+                kv_heads: 3,
+                intermediate: 1536,
+                vocab: 49152,
+                tie_word_embeddings: true,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                max_position_embeddings: 8192,
+                ..base
+            },
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -44,9 +95,12 @@ pub struct BenchEvalArgs {
     /// Questions per pass.
     #[arg(long, default_value_t = 64)]
     pub questions: usize,
-    /// Vocabulary size.
-    #[arg(long, default_value_t = 1000)]
-    pub vocab: usize,
+    /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
+    #[arg(long, value_enum, default_value_t = BenchShape::Default)]
+    pub shape: BenchShape,
+    /// Vocabulary size [default: the shape's, 1000 or 49152].
+    #[arg(long)]
+    pub vocab: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -60,38 +114,56 @@ pub struct BenchTrainArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Vocabulary size (32000 for a LLaMA-2-sized output head).
-    #[arg(long, default_value_t = 1000)]
-    pub vocab: usize,
+    /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
+    #[arg(long, value_enum, default_value_t = BenchShape::Default)]
+    pub shape: BenchShape,
+    /// Vocabulary size [default: the shape's, 1000 or 49152] (32000 for a LLaMA-2-sized
+    /// output head).
+    #[arg(long)]
+    pub vocab: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+impl BenchTrainArgs {
+    /// The spec these arguments ask for: the shape's, with `--vocab` over its vocabulary.
+    pub fn spec(&self) -> TrainBenchSpec {
+        let shape = self.shape.spec();
+        TrainBenchSpec {
+            steps: self.steps,
+            warmup: self.warmup,
+            vocab: self.vocab.unwrap_or(shape.vocab),
+            ..shape
+        }
+    }
+}
+
+impl BenchEvalArgs {
+    /// The spec these arguments ask for: the shape's, with `--vocab` over its vocabulary.
+    pub fn spec(&self) -> EvalBenchSpec {
+        let shape = self.shape.spec();
+        EvalBenchSpec {
+            runs: self.runs,
+            questions: self.questions,
+            model: TrainBenchSpec {
+                vocab: self.vocab.unwrap_or(shape.vocab),
+                ..shape
+            },
+            ..EvalBenchSpec::default()
+        }
+    }
 }
 
 /// Runs a parsed `recover bench ...` command.
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Train(a) => {
-            let spec = TrainBenchSpec {
-                steps: a.steps,
-                warmup: a.warmup,
-                vocab: a.vocab,
-                ..TrainBenchSpec::default()
-            };
-            let report = bench_train(&spec)?;
+            let report = bench_train(&a.spec())?;
             print_report(&report, &report.to_markdown(), a.json)
         }
         BenchCommand::Eval(a) => {
-            let spec = EvalBenchSpec {
-                runs: a.runs,
-                questions: a.questions,
-                model: TrainBenchSpec {
-                    vocab: a.vocab,
-                    ..TrainBenchSpec::default()
-                },
-                ..EvalBenchSpec::default()
-            };
-            let report = bench_eval(&spec)?;
+            let report = bench_eval(&a.spec())?;
             print_report(&report, &report.to_markdown(), a.json)
         }
     }
@@ -144,6 +216,8 @@ pub struct EvalBenchReport {
     pub run_s: Vec<f64>,
     pub median_run_s: f64,
     pub questions_per_s: f64,
+    /// Base-model parameters, embeddings included (a tied head counted once).
+    pub base_params: u64,
     /// Tokens the model processed per pass (each prompt once, then each option's tokens).
     pub tokens_per_run: usize,
     /// Checksum of the scores (the sum over questions and options), for comparing builds.
@@ -157,16 +231,13 @@ impl EvalBenchReport {
         let m = &s.model;
         let runs: Vec<String> = self.run_s.iter().map(|t| format!("{t:.3}")).collect();
         format!(
-            "# recover bench eval\n\nshape: hidden {}, {} layers, {} heads, MLP {}, vocab {}; \
+            "# recover bench eval\n\nshape: {}; \
              {} questions × ({} prompt tokens + {} options × {} tokens), {} per batch; f32; {} threads\n\n\
              | metric | value |\n|---|---|\n\
              | questions/s | {:.1} |\n| median pass | {:.3} s |\n| passes (s) | {} |\n\
-             | tokens per pass | {} |\n| score checksum | {:.4} |\n| peak RSS | {} |\n",
-            m.hidden,
-            m.layers,
-            m.heads,
-            m.intermediate,
-            m.vocab,
+             | tokens per pass | {} |\n| params: base | {} |\n| score checksum | {:.4} |\n\
+             | peak RSS | {} |\n",
+            m.describe_shape(),
             s.questions,
             s.prompt_len,
             s.options,
@@ -177,6 +248,7 @@ impl EvalBenchReport {
             self.median_run_s,
             runs.join(", "),
             self.tokens_per_run,
+            self.base_params,
             self.score_sum,
             self.peak_rss_bytes
                 .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
@@ -192,6 +264,7 @@ pub fn bench_eval(spec: &EvalBenchSpec) -> Result<EvalBenchReport> {
         bail!("bench eval needs at least one run, question, option and option token");
     }
     let model = random_model(&spec.model, &Device::Cpu)?;
+    let base_params = model.num_params() as u64;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.model.seed.wrapping_add(2));
     let vocab = spec.model.vocab as u32;
     let questions: Vec<Vec<Candidate>> = (0..spec.questions)
@@ -236,21 +309,31 @@ pub fn bench_eval(spec: &EvalBenchSpec) -> Result<EvalBenchReport> {
         questions_per_s: spec.questions as f64 / median_run_s,
         run_s,
         median_run_s,
+        base_params,
         tokens_per_run,
         score_sum,
         peak_rss_bytes: proc_status_bytes("VmHWM"),
     })
 }
 
-/// The benchmarked shape and schedule. The defaults are the reference benchmark.
+/// The benchmarked shape and schedule. The defaults are the reference benchmark
+/// (`BenchShape::Default`); `BenchShape::spec` gives the others.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBenchSpec {
+    /// The preset the shape fields came from (a spec built by hand keeps `default`).
+    pub shape: BenchShape,
     pub hidden: usize,
     pub layers: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub intermediate: usize,
     pub vocab: usize,
+    /// The output head is the embedding matrix (no `lm_head.weight`).
+    pub tie_word_embeddings: bool,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// The RoPE table's length (at least `seq_len` is used).
+    pub max_position_embeddings: usize,
     pub batch: usize,
     pub seq_len: usize,
     pub rank: usize,
@@ -266,12 +349,17 @@ pub struct TrainBenchSpec {
 impl Default for TrainBenchSpec {
     fn default() -> Self {
         Self {
+            shape: BenchShape::Default,
             hidden: 512,
             layers: 6,
             heads: 8,
             kv_heads: 8,
             intermediate: 1376,
             vocab: 1000,
+            tie_word_embeddings: false,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 512,
             batch: 8,
             seq_len: 128,
             rank: 8,
@@ -283,6 +371,30 @@ impl Default for TrainBenchSpec {
             steps: 10,
             seed: 0,
         }
+    }
+}
+
+impl TrainBenchSpec {
+    /// The model's shape in words, for the reports: `smollm2 (hidden 576, ...)`.
+    pub fn describe_shape(&self) -> String {
+        format!(
+            "{} (hidden {}, {} layers, {} heads ({} kv), MLP {}, vocab {}, {} head, \
+             RMSNorm eps {:e}, RoPE theta {})",
+            self.shape.name(),
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.intermediate,
+            self.vocab,
+            if self.tie_word_embeddings {
+                "tied"
+            } else {
+                "untied"
+            },
+            self.rms_norm_eps,
+            self.rope_theta,
+        )
     }
 }
 
@@ -338,9 +450,9 @@ impl TrainBenchReport {
         let mut out = String::new();
         out.push_str("# recover bench train\n\n");
         out.push_str(&format!(
-            "shape: hidden {}, {} layers, {} heads ({} kv), MLP {}, vocab {}; batch {} × {} tokens; \
+            "shape: {}; batch {} × {} tokens; \
              f32; LoRA r={} alpha={} dropout={} on all 7 projections; AdamW lr {:e}; {} threads\n\n",
-            s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab, s.batch, s.seq_len,
+            s.describe_shape(), s.batch, s.seq_len,
             s.rank, s.alpha, s.dropout, s.learning_rate, self.threads
         ));
         out.push_str("| metric | value |\n|---|---|\n");
@@ -502,8 +614,9 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     })
 }
 
-/// The benchmark's model: Hugging Face `LlamaForCausalLM` defaults (untied head, RMSNorm
-/// eps 1e-6, RoPE theta 10000), weights ~ N(0, 0.02²) from a seeded ChaCha stream, norms 1.
+/// The benchmark's model: a Hugging Face `LlamaForCausalLM` of the spec's shape (head tied
+/// or not, RMSNorm eps, RoPE theta as the spec says), weights ~ N(0, 0.02²) from a seeded
+/// ChaCha stream, norms 1. A tied head is the embedding matrix itself (no `lm_head.weight`).
 fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
     if spec.heads == 0 || spec.kv_heads == 0 || !spec.hidden.is_multiple_of(spec.heads) {
         bail!("bench train: hidden must be a multiple of the head count");
@@ -516,10 +629,10 @@ fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
             "num_attention_heads": spec.heads,
             "num_key_value_heads": spec.kv_heads,
             "vocab_size": spec.vocab,
-            "max_position_embeddings": spec.seq_len.max(512),
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "tie_word_embeddings": false,
+            "max_position_embeddings": spec.seq_len.max(spec.max_position_embeddings),
+            "rms_norm_eps": spec.rms_norm_eps,
+            "rope_theta": spec.rope_theta,
+            "tie_word_embeddings": spec.tie_word_embeddings,
         })
         .to_string(),
     )?;
@@ -566,7 +679,9 @@ fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
         "model.norm.weight".to_string(),
         Tensor::ones(h, candle_core::DType::F32, device)?,
     );
-    map.insert("lm_head.weight".to_string(), normal(spec.vocab, h)?);
+    if !spec.tie_word_embeddings {
+        map.insert("lm_head.weight".to_string(), normal(spec.vocab, h)?);
+    }
     Llama::from_weights(config, &Weights::new(map, "bench train (random weights)"))
 }
 
@@ -624,6 +739,97 @@ mod tests {
         // Random weights: each option token costs about ln(50), 12 option tokens in all.
         let per_token = -r.score_sum / 12.0;
         assert!((per_token - 50f64.ln()).abs() < 0.5, "{per_token}");
+    }
+
+    /// `recover bench <train|eval> ...` parsed as the CLI parses it.
+    fn parse(args: &[&str]) -> Result<BenchCommand, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: BenchCommand,
+        }
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn shape_flag_selects_the_preset_and_vocab_overrides_it() {
+        let train = |args: &[&str]| match parse(args).unwrap() {
+            BenchCommand::Train(a) => a.spec(),
+            other => panic!("{other:?}"),
+        };
+        let eval = |args: &[&str]| match parse(args).unwrap() {
+            BenchCommand::Eval(a) => a.spec().model,
+            other => panic!("{other:?}"),
+        };
+        // No flag: the reference shape, untied.
+        for s in [train(&["train"]), eval(&["eval"])] {
+            assert_eq!(s.shape, BenchShape::Default);
+            assert_eq!((s.hidden, s.layers, s.heads, s.kv_heads), (512, 6, 8, 8));
+            assert_eq!((s.intermediate, s.vocab), (1376, 1000));
+            assert!(!s.tie_word_embeddings);
+        }
+        // SmolLM2-135M's config.json, same batch and LoRA.
+        for s in [
+            train(&["train", "--shape", "smollm2", "--steps", "1"]),
+            eval(&["eval", "--shape", "smollm2"]),
+        ] {
+            assert_eq!(s.shape, BenchShape::Smollm2);
+            assert_eq!((s.hidden, s.layers, s.heads, s.kv_heads), (576, 30, 9, 3));
+            assert_eq!((s.intermediate, s.vocab), (1536, 49152));
+            assert!(s.tie_word_embeddings);
+            assert_eq!((s.rms_norm_eps, s.rope_theta), (1e-5, 100_000.0));
+            assert_eq!((s.batch, s.seq_len, s.rank), (8, 128, 8));
+            assert!(s.describe_shape().starts_with("smollm2 (hidden 576"));
+        }
+        assert_eq!(
+            train(&["train", "--shape", "smollm2", "--vocab", "1000"]).vocab,
+            1000
+        );
+        assert_eq!(eval(&["eval", "--vocab", "32000"]).vocab, 32000);
+        assert_eq!(
+            train(&["train", "--shape", "default"]).shape,
+            BenchShape::Default
+        );
+        // The JSON names the shape.
+        let json = serde_json::to_value(train(&["train", "--shape", "smollm2"])).unwrap();
+        assert_eq!(json["shape"], "smollm2");
+        // Unknown shapes are refused with the choices listed.
+        let err = parse(&["eval", "--shape", "llama7b"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default") && err.contains("smollm2"), "{err}");
+    }
+
+    /// A tied head is the embedding matrix: counted once, no `lm_head.weight`, and still a
+    /// matmul per token.
+    #[test]
+    fn tied_head_is_counted_once() {
+        let spec = |tie| TrainBenchSpec {
+            hidden: 32,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 48,
+            vocab: 50,
+            tie_word_embeddings: tie,
+            batch: 1,
+            seq_len: 8,
+            warmup: 0,
+            steps: 1,
+            ..TrainBenchSpec::default()
+        };
+        let (tied, untied) = (
+            bench_train(&spec(true)).unwrap(),
+            bench_train(&spec(false)).unwrap(),
+        );
+        assert_eq!(untied.base_params - tied.base_params, 50 * 32);
+        assert_eq!(tied.matmul_params, untied.matmul_params);
+        assert!(
+            (tied.first_loss - 50f64.ln()).abs() < 0.5,
+            "{}",
+            tied.first_loss
+        );
     }
 
     #[test]

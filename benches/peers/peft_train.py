@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """PyTorch + transformers + PEFT peer of `recover bench train`.
 
-The same step on the same shape: LlamaForCausalLM (hidden 512, 6 layers, 8 heads, 8 kv
-heads, MLP 1376, vocab 1000 or 32000, random init), PEFT LoRA r=8 alpha=16 dropout 0.05 on
-all 7 projections, AdamW lr 1e-4 on the adapters, batch 8 x 128 random token ids, loss on
-the shifted targets, gradient clipping at 1.0 (as rora's finetune and HF's Trainer do).
-Warm-up steps, then timed steps; the median step gives tokens/s.
+The same step on the same shape: LlamaForCausalLM of the `--shape` (`default`: hidden 512,
+6 layers, 8 heads, 8 kv heads, MLP 1376, vocab 1000 or 32000, untied head; `smollm2`:
+SmolLM2-135M's hidden 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied
+head), random init, PEFT LoRA r=8 alpha=16 dropout 0.05 on all 7 projections, AdamW lr 1e-4
+on the adapters, batch 8 x 128 random token ids, loss on the shifted targets, gradient
+clipping at 1.0 (as rora's finetune and HF's Trainer do). Warm-up steps, then timed steps;
+the median step gives tokens/s.
 
 Prints one JSON object with the keys of `recover bench train --json` that make sense here
-(tokens_per_s, median_step_s, step_s, peak_rss_bytes, ...).
+(tokens_per_s, median_step_s, step_s, peak_rss_bytes, base_params, matmul_params,
+trainable_params, ...).
 
-    python peft_train.py [--steps 10] [--warmup 2] [--vocab 1000] [--threads 2] [--bf16]
+    python peft_train.py [--shape default|smollm2] [--steps 10] [--warmup 2] [--vocab N]
+                         [--threads 2] [--bf16]
 """
 
 import argparse
@@ -34,11 +38,55 @@ def rss_bytes(key):
     return None
 
 
+# The shapes of `recover bench --shape` (src/bench.rs, BenchShape): LlamaConfig fields.
+SHAPES = {
+    # LlamaConfig's defaults for everything not given: untied head, eps 1e-6, theta 10000.
+    "default": dict(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1376,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    ),
+    # SmolLM2-135M's config.json.
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def param_counts(model, cfg):
+    """(base, matmul) as rora counts them: every parameter once (a tied head is the
+    embedding), and the 7 projections of every layer plus the vocab x hidden output head."""
+    base = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
+    proj = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1].endswith("_proj")
+    )
+    return base, proj + cfg.vocab_size * cfg.hidden_size
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--vocab", type=int, default=None, help="default: the shape's")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
     ap.add_argument("--seed", type=int, default=0)
@@ -53,16 +101,15 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     batch, seq = 8, 128
-    cfg = LlamaConfig(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1376,
-        vocab_size=args.vocab,
-        max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(cfg)  # f32 weights, untied head (LlamaConfig's default)
+    shape = dict(SHAPES[args.shape])
+    if args.vocab is not None:
+        shape["vocab_size"] = args.vocab
+    vocab = shape["vocab_size"]
+    cfg = LlamaConfig(**shape)
+    model = LlamaForCausalLM(cfg)  # f32 weights, random init (std 0.02)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == cfg.tie_word_embeddings, "the head is not tied as the shape asks"
+    base_params, matmul_params = param_counts(model, cfg)
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -83,7 +130,7 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
-    ids = torch.randint(0, args.vocab, (batch, seq))
+    ids = torch.randint(0, vocab, (batch, seq))
     mask = torch.ones_like(ids)
     rss_after_setup = rss_bytes("VmRSS")
 
@@ -117,9 +164,13 @@ def main():
                 "peer": "pytorch+peft",
                 "dtype": "bf16-autocast" if args.bf16 else "f32",
                 "threads": torch.get_num_threads(),
-                "vocab": args.vocab,
+                "shape": args.shape,
+                "config": shape,
+                "vocab": vocab,
                 "batch": batch,
                 "seq_len": seq,
+                "base_params": base_params,
+                "matmul_params": matmul_params,
                 "trainable_params": trainable,
                 "tokens_per_step": batch * seq,
                 "step_s": step_s,

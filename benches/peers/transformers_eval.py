@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """transformers peer of `recover bench eval`: multiple-choice scoring, the straightforward way.
 
-The same shape as `recover bench eval`: LlamaForCausalLM (hidden 512, 6 layers, 8 heads,
-MLP 1376, vocab 1000, random init, f32), 64 questions of a 96-token random prompt with 4
+The same shape as `recover bench eval`: LlamaForCausalLM of the `--shape` (`default`:
+hidden 512, 6 layers, 8 heads, MLP 1376, vocab 1000, untied head; `smollm2`: SmolLM2-135M's
+hidden 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied head; random init,
+f32), 64 questions of a 96-token random prompt with 4
 options of 4 random tokens, 8 questions per batch. Each batch is one forward pass over its
 8 x 4 (prompt + option) sequences; an option's score is the sum of its tokens'
 log-probabilities. One untimed pass, then timed passes; the median gives questions/s.
 
-    python transformers_eval.py [--runs 5] [--questions 64] [--vocab 1000] [--threads 2] [--bf16]
+    python transformers_eval.py [--shape default|smollm2] [--runs 5] [--questions 64]
+                                [--vocab N] [--threads 2] [--bf16]
 """
 
 import argparse
@@ -19,11 +22,44 @@ import sys
 import time
 
 
+# The shapes of `recover bench --shape` (src/bench.rs, BenchShape); the same table as
+# peft_train.py's.
+SHAPES = {
+    # LlamaConfig's defaults for everything not given: untied head, eps 1e-6, theta 10000.
+    "default": dict(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1376,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    ),
+    # SmolLM2-135M's config.json.
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--questions", type=int, default=64)
-    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--vocab", type=int, default=None, help="default: the shape's")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
     ap.add_argument("--seed", type=int, default=0)
@@ -36,18 +72,17 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     prompt_len, options, option_len, batch = 96, 4, 4, 8
-    cfg = LlamaConfig(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1376,
-        vocab_size=args.vocab,
-        max_position_embeddings=512,
-    )
+    shape = dict(SHAPES[args.shape])
+    if args.vocab is not None:
+        shape["vocab_size"] = args.vocab
+    vocab = shape["vocab_size"]
+    cfg = LlamaConfig(**shape)
     model = LlamaForCausalLM(cfg).eval()
-    prompts = torch.randint(0, args.vocab, (args.questions, 1, prompt_len))
-    opts = torch.randint(0, args.vocab, (args.questions, options, option_len))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == cfg.tie_word_embeddings, "the head is not tied as the shape asks"
+    base_params = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    prompts = torch.randint(0, vocab, (args.questions, 1, prompt_len))
+    opts = torch.randint(0, vocab, (args.questions, options, option_len))
     # (questions, options, prompt_len + option_len)
     seqs = torch.cat([prompts.expand(-1, options, -1), opts], dim=2)
 
@@ -80,6 +115,10 @@ def main():
                 "peer": "transformers",
                 "dtype": "bf16-autocast" if args.bf16 else "f32",
                 "threads": torch.get_num_threads(),
+                "shape": args.shape,
+                "config": shape,
+                "vocab": vocab,
+                "base_params": base_params,
                 "questions": args.questions,
                 "run_s": run_s,
                 "median_run_s": med,

@@ -7,8 +7,10 @@
 //! `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
 //! `dQ = scale · dS K`, `dK = scale · dSᵀ Q` (dK and dV summed over the group's heads).
 
+use super::math::{dot, exp, max, sum};
 use super::{cpu_f32, gemm, with_f32, Mat};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `q`: (b, heads, t, hd); `k`, `v`: (b, kv_heads, T, hd); `mask`: additive (b, 1, t, T)
@@ -124,10 +126,7 @@ impl AttentionOp {
             Mat::transposed(g.k, hd),
             self.scale,
         );
-        if !g.mask.is_empty() {
-            p.iter_mut().zip(g.mask).for_each(|(s, m)| *s += m);
-        }
-        p.chunks_mut(tk).for_each(softmax_in_place);
+        softmax_rows(p, g.mask, tk);
     }
 
     fn with_mask<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -138,18 +137,32 @@ impl AttentionOp {
     }
 }
 
-/// Softmax of one row of scores. Scores more than 88 below the maximum underflow to 0 in
-/// f32 anyway; skipping their `exp` skips the masked half of a causal block.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in row.iter_mut() {
-        let d = *s - max;
-        *s = if d < -88.0 { 0.0 } else { d.exp() };
-        sum += *s;
+/// Adds the additive `mask` (same shape, or empty) to the scores `p`, then takes the
+/// softmax of each row of `width`. Scores more than 88 below the row's maximum give 0
+/// (they underflow in f32 anyway), so masked positions come out exactly 0.
+#[multiversion(targets = "simd")]
+fn softmax_rows(p: &mut [f32], mask: &[f32], width: usize) {
+    if !mask.is_empty() {
+        p.iter_mut().zip(mask).for_each(|(s, m)| *s += m);
     }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|s| *s *= inv);
+    for row in p.chunks_mut(width) {
+        let top = max(row);
+        for s in row.iter_mut() {
+            let d = *s - top;
+            *s = if d < -88.0 { 0.0 } else { exp(d) };
+        }
+        let inv = 1.0 / sum(row);
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+/// `ds ← p ⊙ (ds − rowsum(p ⊙ ds))` for rows of `width`: the softmax backward.
+#[multiversion(targets = "simd")]
+fn softmax_backward_rows(ds: &mut [f32], p: &[f32], width: usize) {
+    for (ds, p) in ds.chunks_mut(width).zip(p.chunks(width)) {
+        let dot = dot(ds, p);
+        ds.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+    }
 }
 
 impl CustomOp3 for AttentionOp {
@@ -268,10 +281,7 @@ impl AttentionOp {
                         Mat::transposed(g.v, hd),
                         1.0,
                     );
-                    for (ds, p) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-                        let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
-                        ds.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-                    }
+                    softmax_backward_rows(&mut ds, &p, tk);
                     // dQ = scale · dS K;  dK += scale · dSᵀ Q
                     gemm(
                         (t, hd, tk),

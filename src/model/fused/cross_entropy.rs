@@ -2,8 +2,10 @@
 //! Backward: `dlogits = g · (onehot(target) − softmax(logits))`, with the row's
 //! log-sum-exp recomputed.
 
+use super::math::{exp, max, sum_map};
 use super::{cpu_f32, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `logits`: (rows, vocab) f32 on the CPU, `targets`: one id per row → (rows,).
@@ -23,9 +25,18 @@ struct TargetLogProbs {
 }
 
 /// log Σ exp(row).
+#[multiversion(targets = "simd")]
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    let top = max(row);
+    top + sum_map(row, |v| exp(v - top)).ln()
+}
+
+/// `d = −g · softmax(row)`, from the row's log-sum-exp.
+#[multiversion(targets = "simd")]
+fn scaled_softmax(row: &[f32], lse: f32, g: f32, d: &mut [f32]) {
+    for (d, v) in d.iter_mut().zip(row) {
+        *d = -g * exp(v - lse);
+    }
 }
 
 impl CustomOp1 for TargetLogProbs {
@@ -53,10 +64,7 @@ impl CustomOp1 for TargetLogProbs {
                     .zip(x.par_chunks(vocab))
                     .zip(g.par_iter().zip(self.targets.par_iter()))
                     .for_each(|((d, row), (&g, &t))| {
-                        let lse = log_sum_exp(row);
-                        for (d, v) in d.iter_mut().zip(row) {
-                            *d = -g * (v - lse).exp();
-                        }
+                        scaled_softmax(row, log_sum_exp(row), g, d);
                         d[t as usize] += g;
                     });
                 Ok(d)

@@ -1,9 +1,12 @@
 //! Inverted dropout whose mask is a pure function of (seed, element index): a
-//! counter-based hash instead of a sequential generator, so the mask is drawn in
-//! parallel, never stored, and recomputed in the backward pass (`dx = dy · mask`).
+//! counter-based hash (two rounds of a 32-bit mix) instead of a sequential generator, so
+//! the mask is drawn in parallel and in SIMD lanes, never stored, and recomputed in the
+//! backward pass (`dx = dy · mask`).
 
+use super::math::hash32;
 use super::{cpu_f32, with_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 const CHUNK: usize = 16 * 1024;
@@ -11,9 +14,10 @@ const CHUNK: usize = 16 * 1024;
 /// Which elements survive and by how much they are scaled.
 #[derive(Clone, Copy, Debug)]
 pub struct DropoutMask {
-    seed: u64,
-    /// An element is kept when the top 32 bits of its hash are below this.
-    threshold: u64,
+    /// Two halves of the mixed seed: one before, one between the two hash rounds.
+    seeds: (u32, u32),
+    /// An element is kept when its hash is below this.
+    threshold: u32,
     /// 1 / (1 − p)
     scale: f32,
 }
@@ -22,16 +26,19 @@ impl DropoutMask {
     /// Drop rate `p` in [0, 1).
     pub fn new(seed: u64, p: f64) -> Self {
         let keep = 1.0 - p;
+        let mixed = splitmix64(seed);
         Self {
-            seed,
-            threshold: (keep * 4_294_967_296.0) as u64,
+            seeds: (mixed as u32, (mixed >> 32) as u32),
+            threshold: (keep * 4_294_967_296.0).min(u32::MAX as f64) as u32,
             scale: (1.0 / keep) as f32,
         }
     }
 
     /// The factor for element `i`: `scale` or 0.
+    #[inline(always)]
     pub fn value(&self, i: usize) -> f32 {
-        if splitmix64(self.seed.wrapping_add(i as u64)) >> 32 < self.threshold {
+        let h = hash32(hash32(i as u32 ^ self.seeds.0).wrapping_add(self.seeds.1));
+        if h < self.threshold {
             self.scale
         } else {
             0.0
@@ -49,11 +56,7 @@ impl DropoutMask {
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (dst, src))| {
-                for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                    *d = s * self.value(c * CHUNK + j);
-                }
-            });
+            .for_each(|(c, (dst, src))| masked(self, c * CHUNK, src, dst, false));
         dst
     }
 
@@ -62,16 +65,25 @@ impl DropoutMask {
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (dst, src))| {
-                for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-                    *d += s * self.value(c * CHUNK + j);
-                }
-            });
+            .for_each(|(c, (dst, src))| masked(self, c * CHUNK, src, dst, true));
     }
 }
 
-/// SplitMix64's output function: a bijective mix of a 64-bit counter, good enough for
-/// Bernoulli draws and cheap to vectorise.
+/// `dst (+)= src · mask(offset + j)` over one chunk.
+#[multiversion(targets = "simd")]
+fn masked(mask: &DropoutMask, offset: usize, src: &[f32], dst: &mut [f32], accumulate: bool) {
+    if accumulate {
+        for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+            *d += s * mask.value(offset + j);
+        }
+    } else {
+        for (j, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+            *d = s * mask.value(offset + j);
+        }
+    }
+}
+
+/// SplitMix64's output function, to spread a 64-bit seed over both 32-bit halves.
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod lora;
+mod math;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -3,11 +3,13 @@
 //! Backward, per row with `r = 1/sqrt(mean(x²) + eps)`, `n = x·r`, `g = dy·w`:
 //! `dx = r · (g − n · mean(g·n))`; and `dw = Σ_rows dy·n`.
 
+use super::math::dot;
 use super::{cpu_f32, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// Rows per task when summing the weight gradient.
+/// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
 /// `x`: (..., hidden), `weight`: (hidden,), f32 on the CPU → the shape of `x`.
@@ -28,8 +30,9 @@ struct RmsNormOp {
 }
 
 /// 1/sqrt(mean(x²) + eps) of one row.
+#[inline(always)]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let mean_sq = dot(row, row) / row.len() as f32;
     1.0 / (mean_sq + eps).sqrt()
 }
 
@@ -48,14 +51,10 @@ impl CustomOp2 for RmsNormOp {
         let x = cpu_f32(x, x_layout, self.name())?;
         let w = cpu_f32(w, w_layout, self.name())?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(w.len())
-            .zip(x.par_chunks(w.len()))
-            .for_each(|(y, x)| {
-                let r = inv_rms(x, self.eps);
-                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                    *y = x * r * w;
-                }
-            });
+        let block = ROWS_PER_TASK * w.len();
+        y.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(y, x)| forward_rows(x, w, self.eps, y));
         Ok((CpuStorage::F32(y), x_layout.shape().clone()))
     }
 
@@ -79,6 +78,39 @@ impl CustomOp2 for RmsNormOp {
     }
 }
 
+/// `y = x · r · w` for each row of `w.len()` values.
+#[multiversion(targets = "simd")]
+fn forward_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    for (y, x) in y.chunks_mut(w.len()).zip(x.chunks(w.len())) {
+        let r = inv_rms(x, eps);
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * r * w;
+        }
+    }
+}
+
+/// `dx` for each row of `w.len()` values, and the rows' sum of `dy · n` added to `dw`.
+#[multiversion(targets = "simd")]
+fn backward_rows(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [f32], dw: &mut [f32]) {
+    let hidden = w.len();
+    let rows = dx
+        .chunks_mut(hidden)
+        .zip(x.chunks(hidden).zip(dy.chunks(hidden)));
+    for (dx, (x, dy)) in rows {
+        let r = inv_rms(x, eps);
+        let mut mean_gn = 0f32;
+        for j in 0..hidden {
+            let n = x[j] * r;
+            mean_gn += dy[j] * w[j] * n;
+            dw[j] += dy[j] * n;
+        }
+        mean_gn /= hidden as f32;
+        for j in 0..hidden {
+            dx[j] = r * (dy[j] * w[j] - x[j] * r * mean_gn);
+        }
+    }
+}
+
 impl RmsNormOp {
     fn backward(&self, x: &[f32], dy: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let hidden = w.len();
@@ -90,22 +122,7 @@ impl RmsNormOp {
             .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
             .map(|(dx, (x, dy))| {
                 let mut dw = vec![0f32; hidden];
-                let rows = dx
-                    .chunks_mut(hidden)
-                    .zip(x.chunks(hidden).zip(dy.chunks(hidden)));
-                for (dx, (x, dy)) in rows {
-                    let r = inv_rms(x, self.eps);
-                    let mut mean_gn = 0f32;
-                    for j in 0..hidden {
-                        let n = x[j] * r;
-                        mean_gn += dy[j] * w[j] * n;
-                        dw[j] += dy[j] * n;
-                    }
-                    mean_gn /= hidden as f32;
-                    for j in 0..hidden {
-                        dx[j] = r * (dy[j] * w[j] - x[j] * r * mean_gn);
-                    }
-                }
+                backward_rows(x, dy, w, self.eps, dx, &mut dw);
                 dw
             })
             .reduce(

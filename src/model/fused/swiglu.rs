@@ -1,8 +1,10 @@
 //! SwiGLU's gate: `y = silu(g) · u` with `silu(g) = g·σ(g)`. Backward:
 //! `dg = dy · u · σ(g) · (1 + g·(1 − σ(g)))`, `du = dy · silu(g)`.
 
+use super::math::sigmoid;
 use super::{cpu_f32, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Elements per parallel task: large enough to amortise scheduling.
@@ -22,8 +24,26 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwigluOp;
 
-fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
+#[multiversion(targets = "simd")]
+fn forward_chunk(g: &[f32], u: &[f32], y: &mut [f32]) {
+    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+        *y = g * sigmoid(*g) * u;
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn backward_chunk(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..g
+        .len()
+        .min(u.len())
+        .min(dy.len())
+        .min(dg.len())
+        .min(du.len())
+    {
+        let s = sigmoid(g[i]);
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        du[i] = dy[i] * g[i] * s;
+    }
 }
 
 impl CustomOp2 for SwigluOp {
@@ -43,11 +63,7 @@ impl CustomOp2 for SwigluOp {
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
-            });
+            .for_each(|(y, (g, u))| forward_chunk(g, u, y));
         Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
     }
 
@@ -67,13 +83,7 @@ impl CustomOp2 for SwigluOp {
                         .zip(du.par_chunks_mut(CHUNK))
                         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                         .zip(dy.par_chunks(CHUNK))
-                        .for_each(|(((dg, du), (g, u)), dy)| {
-                            for i in 0..g.len() {
-                                let s = sigmoid(g[i]);
-                                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                                du[i] = dy[i] * g[i] * s;
-                            }
-                        });
+                        .for_each(|(((dg, du), (g, u)), dy)| backward_chunk(g, u, dy, dg, du));
                     Ok((dg, du))
                 })
             })
