@@ -9,7 +9,7 @@
 //! `W` gets no gradient.
 
 use super::dropout::DropoutMask;
-use super::{cpu_f32, gemm, gemm_par, with_f32, Mat};
+use super::{cpu_f32, gemm, gemm_par, gemm_par_new, with_f32, Mat};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
 
@@ -107,17 +107,13 @@ impl CustomOp3 for LoraOp {
         let a = cpu_f32(a, a_layout, self.name())?;
         let b = cpu_f32(b, b_layout, self.name())?;
         let down = self.down(&self.dropped(x), a);
-        let mut y = vec![0f32; rows * out_dim];
-        with_f32(&self.weight, self.name(), |w| {
-            gemm_par(
+        let mut y = with_f32(&self.weight, self.name(), |w| {
+            Ok(gemm_par_new(
                 (rows, out_dim, in_dim),
-                &mut y,
-                false,
                 Mat::rows(x, in_dim),
                 Mat::transposed(w, in_dim),
                 1.0,
-            );
-            Ok(())
+            ))
         })?;
         gemm_par(
             (rows, out_dim, rank),
@@ -178,11 +174,8 @@ impl CustomOp3 for LoraOp {
                                 1.0,
                             );
                             // dx = dy W + mask ⊙ (u A)
-                            let mut dx = vec![0f32; rows * in_dim];
-                            gemm_par(
+                            let mut dx = gemm_par_new(
                                 (rows, in_dim, out_dim),
-                                &mut dx,
-                                false,
                                 Mat::rows(dy, out_dim),
                                 Mat::rows(w, in_dim),
                                 1.0,
@@ -197,11 +190,8 @@ impl CustomOp3 for LoraOp {
                                     1.0,
                                 ),
                                 Some(mask) => {
-                                    let mut ua = vec![0f32; rows * in_dim];
-                                    gemm_par(
+                                    let ua = gemm_par_new(
                                         (rows, in_dim, rank),
-                                        &mut ua,
-                                        false,
                                         Mat::rows(&u, rank),
                                         Mat::rows(a, in_dim),
                                         1.0,

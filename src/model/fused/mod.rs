@@ -113,13 +113,7 @@ fn gemm_par(
     rhs: Mat,
     scale: f32,
 ) {
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm_with(dims, dst, accumulate, lhs, rhs, scale, parallelism)
+    gemm_with(dims, dst, accumulate, lhs, rhs, scale, rayon_parallelism())
 }
 
 fn gemm_with(
@@ -132,33 +126,89 @@ fn gemm_with(
     parallelism: gemm::Parallelism,
 ) {
     assert!(dst.len() >= m * n, "gemm: destination too small");
-    assert!(lhs.data.len() >= lhs.extent(m, k), "gemm: lhs too small");
-    assert!(rhs.data.len() >= rhs.extent(k, n), "gemm: rhs too small");
-    // SAFETY: the three extents were checked against the slices above; `dst` is borrowed
-    // mutably, so it aliases neither operand.
+    // SAFETY: `dst` holds m × n values and, borrowed mutably, aliases neither operand.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_raw(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            n as isize,
             accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
+            lhs,
+            rhs,
             scale,
-            false,
-            false,
-            false,
             parallelism,
         )
     }
+}
+
+/// `scale · lhs (m × k) · rhs (k × n)` into a new buffer on every thread of rayon's pool.
+/// The buffer is not zeroed first (for outputs of a training step, that pass cost as
+/// much as the element-wise kernels): gemm writes every element when not accumulating.
+fn gemm_par_new(dims: (usize, usize, usize), lhs: Mat, rhs: Mat, scale: f32) -> Vec<f32> {
+    let (m, n, k) = dims;
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the capacity is m × n and the new vector aliases neither operand; with
+    // k > 0 and no accumulation, gemm writes every one of the m × n values before
+    // `set_len` exposes them.
+    unsafe {
+        gemm_raw(
+            dims,
+            dst.as_mut_ptr(),
+            false,
+            lhs,
+            rhs,
+            scale,
+            rayon_parallelism(),
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
+fn rayon_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// # Safety
+/// `dst` must be valid for writes (and, when accumulating, reads) of m × n values and
+/// must not overlap either operand.
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(lhs.data.len() >= lhs.extent(m, k), "gemm: lhs too small");
+    assert!(rhs.data.len() >= rhs.extent(k, n), "gemm: rhs too small");
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.data.as_ptr(),
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 #[cfg(test)]
