@@ -14,6 +14,7 @@ use common::max_abs_diff;
 use rora::adapters::dropout::DropoutKey;
 use rora::adapters::lora::LoraAdapter;
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
+use rora::model::fused::cross_entropy::head_target_log_probs;
 use rora::model::fused::dropout::{dropout, DropoutMask};
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};
@@ -188,6 +189,29 @@ fn target_log_probs_match_composite() {
     let fused = target_log_probs(&logits, &targets).unwrap();
     let composite = target_log_probs_composite(&logits, &targets).unwrap();
     assert_close("target log-probs", compare(&fused, &composite, &[&logits]));
+}
+
+#[test]
+fn output_head_log_probs_match_logits_then_log_softmax() {
+    // 150 rows: more than one block of the fused head.
+    let (rows, hidden_dim, vocab) = (150, 16, 300);
+    let hidden = var(&[rows, hidden_dim], 17);
+    let weight = (randn(&[vocab, hidden_dim], 18) * 0.5).unwrap();
+    let ids: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 53 + 11) % vocab as u32)
+        .collect();
+    let fused = head_target_log_probs(&hidden, &weight, ids.clone()).unwrap();
+    let logits = hidden
+        .matmul(&weight.t().unwrap())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let targets = Tensor::from_vec(ids, (1, rows), &Device::Cpu).unwrap();
+    let composite = target_log_probs_composite(&logits, &targets)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_close("output head", compare(&fused, &composite, &[&hidden]));
 }
 
 #[test]

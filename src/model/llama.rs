@@ -207,7 +207,12 @@ impl Llama {
 
     /// (..., hidden) → (..., vocab).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        frozen_matmul_t(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        frozen_matmul_t(hidden, self.head_weight())
+    }
+
+    /// The output head's weight (vocab, hidden): its own, or the embeddings when tied.
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     pub fn num_layers(&self) -> usize {

@@ -3,10 +3,11 @@
 //! log-sum-exp recomputed.
 
 use super::math::{exp, max, sum_map};
-use super::{cpu_f32, with_f32};
+use super::{cpu_f32, gemm_par, gemm_par_new, with_f32, Mat};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// `logits`: (rows, vocab) f32 on the CPU, `targets`: one id per row → (rows,).
 pub fn target_log_probs(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
@@ -71,5 +72,141 @@ impl CustomOp1 for TargetLogProbs {
             })
         })?;
         Ok(Some(Tensor::from_vec(d, logits.shape(), logits.device())?))
+    }
+}
+
+/// Rows of logits computed at a time by [`head_target_log_probs`]: with a 49,152-word
+/// vocabulary a block is 24 MiB, under the allocator's mmap threshold (see `runtime`).
+const HEAD_BLOCK_ROWS: usize = 128;
+
+/// `log softmax(hidden Wᵀ)[target]` per row, for `hidden` (n, h) and a frozen output head
+/// `weight` (vocab, h), f32 on the CPU → (n,), without the (n, vocab) logits ever existing
+/// whole: rows go through in blocks. The gradient is linear in the upstream gradient of
+/// each row, so when `hidden` needs one the forward pass also computes
+/// `D = (onehot(target) − softmax) W` (n, h) from the block it has at hand, and the
+/// backward pass only scales D's rows; no logits are kept or recomputed.
+pub fn head_target_log_probs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: Vec<u32>,
+) -> Result<Tensor> {
+    let (rows, h) = hidden.dims2()?;
+    let (vocab, wh) = weight.dims2()?;
+    if wh != h || targets.len() != rows {
+        bail!(
+            "output head: hidden {:?}, head {:?} and {} targets do not fit together",
+            hidden.dims(),
+            weight.dims(),
+            targets.len()
+        );
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("output head: target id {bad} outside the vocabulary of {vocab}");
+    }
+    hidden.contiguous()?.apply_op1(HeadTargetLogProbs {
+        weight: weight.contiguous()?,
+        targets,
+        with_grad: hidden.track_op(),
+        grad_rows: Mutex::new(None),
+    })
+}
+
+struct HeadTargetLogProbs {
+    /// (vocab, h), frozen.
+    weight: Tensor,
+    targets: Vec<u32>,
+    /// Whether to compute D in the forward pass.
+    with_grad: bool,
+    /// D (n, h), filled by the forward pass.
+    grad_rows: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for HeadTargetLogProbs {
+    fn name(&self) -> &'static str {
+        "fused-head-target-log-probs"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let hidden = cpu_f32(storage, layout, self.name())?;
+        let (rows, h) = layout.shape().dims2()?;
+        let mut out = vec![0f32; rows];
+        let mut grad_rows = if self.with_grad {
+            vec![0f32; rows * h]
+        } else {
+            Vec::new()
+        };
+        with_f32(&self.weight, self.name(), |w| {
+            let vocab = w.len() / h;
+            for start in (0..rows).step_by(HEAD_BLOCK_ROWS) {
+                let n = HEAD_BLOCK_ROWS.min(rows - start);
+                let block = &hidden[start * h..(start + n) * h];
+                let mut logits = gemm_par_new(
+                    (n, vocab, h),
+                    Mat::rows(block, h),
+                    Mat::transposed(w, h),
+                    1.0,
+                );
+                let targets = &self.targets[start..start + n];
+                logits
+                    .par_chunks_mut(vocab)
+                    .zip(out[start..start + n].par_iter_mut().zip(targets.par_iter()))
+                    .for_each(|(row, (out, &t))| {
+                        let lse = log_sum_exp(row);
+                        *out = row[t as usize] - lse;
+                        if self.with_grad {
+                            // The row becomes d out / d logits = onehot(t) − softmax.
+                            scaled_softmax_in_place(row, lse);
+                            row[t as usize] += 1.0;
+                        }
+                    });
+                if self.with_grad {
+                    let dst = &mut grad_rows[start * h..(start + n) * h];
+                    gemm_par(
+                        (n, h, vocab),
+                        dst,
+                        false,
+                        Mat::rows(&logits, vocab),
+                        Mat::rows(w, h),
+                        1.0,
+                    );
+                }
+            }
+            Ok(())
+        })?;
+        if self.with_grad {
+            *self
+                .grad_rows
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("output head: poisoned lock".into()))? =
+                Some(grad_rows);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(&self, hidden: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, h) = hidden.dims2()?;
+        let d = self
+            .grad_rows
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("output head: poisoned lock".into()))?
+            .take();
+        let Some(mut d) = d else {
+            bail!("output head: backward pass without the gradient rows of a forward pass that tracked its input")
+        };
+        with_f32(grad, self.name(), |g| {
+            d.par_chunks_mut(h)
+                .zip(g.par_iter())
+                .for_each(|(row, &g)| row.iter_mut().for_each(|v| *v *= g));
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(d, hidden.shape(), hidden.device())?))
+    }
+}
+
+/// `row ← −softmax(row)` from the row's log-sum-exp.
+#[multiversion(targets = "simd")]
+fn scaled_softmax_in_place(row: &mut [f32], lse: f32) {
+    for v in row.iter_mut() {
+        *v = -exp(*v - lse);
     }
 }
