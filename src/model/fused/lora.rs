@@ -24,7 +24,7 @@ pub fn lora_linear(
     dropout: Option<DropoutMask>,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
+    let in_dim = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / in_dim.max(1);
     let (out_dim, w_in) = weight.dims2()?;
     let (rank, a_in) = a.dims2()?;
