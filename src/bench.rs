@@ -95,12 +95,8 @@ pub struct BenchEvalArgs {
     /// Questions per pass.
     #[arg(long, default_value_t = 64)]
     pub questions: usize,
-    /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
-    #[arg(long, value_enum, default_value_t = BenchShape::Default)]
-    pub shape: BenchShape,
-    /// Vocabulary size [default: the shape's, 1000 or 49152].
-    #[arg(long)]
-    pub vocab: Option<usize>,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -114,6 +110,16 @@ pub struct BenchTrainArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The model both benchmarks build.
+#[derive(Debug, Args)]
+pub struct BenchModelArgs {
     /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
     #[arg(long, value_enum, default_value_t = BenchShape::Default)]
     pub shape: BenchShape,
@@ -121,35 +127,37 @@ pub struct BenchTrainArgs {
     /// output head).
     #[arg(long)]
     pub vocab: Option<usize>,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    pub json: bool,
 }
 
-impl BenchTrainArgs {
-    /// The spec these arguments ask for: the shape's, with `--vocab` over its vocabulary.
+impl BenchModelArgs {
+    /// The shape's spec, with `--vocab` over its vocabulary.
     pub fn spec(&self) -> TrainBenchSpec {
         let shape = self.shape.spec();
         TrainBenchSpec {
-            steps: self.steps,
-            warmup: self.warmup,
             vocab: self.vocab.unwrap_or(shape.vocab),
             ..shape
         }
     }
 }
 
+impl BenchTrainArgs {
+    /// The spec these arguments ask for.
+    pub fn spec(&self) -> TrainBenchSpec {
+        TrainBenchSpec {
+            steps: self.steps,
+            warmup: self.warmup,
+            ..self.model.spec()
+        }
+    }
+}
+
 impl BenchEvalArgs {
-    /// The spec these arguments ask for: the shape's, with `--vocab` over its vocabulary.
+    /// The spec these arguments ask for.
     pub fn spec(&self) -> EvalBenchSpec {
-        let shape = self.shape.spec();
         EvalBenchSpec {
             runs: self.runs,
             questions: self.questions,
-            model: TrainBenchSpec {
-                vocab: self.vocab.unwrap_or(shape.vocab),
-                ..shape
-            },
+            model: self.model.spec(),
             ..EvalBenchSpec::default()
         }
     }

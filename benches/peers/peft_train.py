@@ -20,10 +20,10 @@ trainable_params, ...).
 import argparse
 import json
 import platform
-import resource
 import statistics
-import sys
 import time
+
+from common import add_model_args, build_llama, peak_rss_bytes
 
 
 def rss_bytes(key):
@@ -36,37 +36,6 @@ def rss_bytes(key):
     except OSError:
         pass
     return None
-
-
-# The shapes of `recover bench --shape` (src/bench.rs, BenchShape): LlamaConfig fields.
-SHAPES = {
-    # LlamaConfig's defaults for everything not given: untied head, eps 1e-6, theta 10000.
-    "default": dict(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1376,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        max_position_embeddings=512,
-    ),
-    # SmolLM2-135M's config.json.
-    "smollm2": dict(
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-    ),
-}
 
 
 def param_counts(model, cfg):
@@ -85,30 +54,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
-    ap.add_argument("--vocab", type=int, default=None, help="default: the shape's")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
-    ap.add_argument("--seed", type=int, default=0)
+    add_model_args(ap)
     args = ap.parse_args()
 
     import torch
     import transformers
     import peft
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     batch, seq = 8, 128
-    shape = dict(SHAPES[args.shape])
-    if args.vocab is not None:
-        shape["vocab_size"] = args.vocab
-    vocab = shape["vocab_size"]
-    cfg = LlamaConfig(**shape)
-    model = LlamaForCausalLM(cfg)  # f32 weights, random init (std 0.02)
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    assert tied == cfg.tie_word_embeddings, "the head is not tied as the shape asks"
+    model, cfg, shape = build_llama(args)
+    vocab = cfg.vocab_size
     base_params, matmul_params = param_counts(model, cfg)
     lora = LoraConfig(
         r=8,
@@ -155,9 +111,7 @@ def main():
 
     med = statistics.median(step_s)
     trainable = sum(p.numel() for p in params)
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+    peak = peak_rss_bytes()
     print(
         json.dumps(
             {

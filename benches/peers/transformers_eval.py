@@ -16,70 +16,26 @@ log-probabilities. One untimed pass, then timed passes; the median gives questio
 import argparse
 import json
 import platform
-import resource
 import statistics
-import sys
 import time
 
-
-# The shapes of `recover bench --shape` (src/bench.rs, BenchShape); the same table as
-# peft_train.py's.
-SHAPES = {
-    # LlamaConfig's defaults for everything not given: untied head, eps 1e-6, theta 10000.
-    "default": dict(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1376,
-        vocab_size=1000,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        max_position_embeddings=512,
-    ),
-    # SmolLM2-135M's config.json.
-    "smollm2": dict(
-        hidden_size=576,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        intermediate_size=1536,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-    ),
-}
+from common import add_model_args, build_llama, peak_rss_bytes
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--questions", type=int, default=64)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
-    ap.add_argument("--vocab", type=int, default=None, help="default: the shape's")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--bf16", action="store_true", help='torch.autocast("cpu", bfloat16)')
-    ap.add_argument("--seed", type=int, default=0)
+    add_model_args(ap)
     args = ap.parse_args()
 
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     prompt_len, options, option_len, batch = 96, 4, 4, 8
-    shape = dict(SHAPES[args.shape])
-    if args.vocab is not None:
-        shape["vocab_size"] = args.vocab
-    vocab = shape["vocab_size"]
-    cfg = LlamaConfig(**shape)
-    model = LlamaForCausalLM(cfg).eval()
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    assert tied == cfg.tie_word_embeddings, "the head is not tied as the shape asks"
+    model, cfg, shape = build_llama(args)
+    model.eval()
+    vocab = cfg.vocab_size
     base_params = sum(p.numel() for p in model.parameters())  # a tied head counted once
     prompts = torch.randint(0, vocab, (args.questions, 1, prompt_len))
     opts = torch.randint(0, vocab, (args.questions, options, option_len))
@@ -107,8 +63,7 @@ def main():
         score_sum = one_pass()
         run_s.append(time.perf_counter() - t0)
     med = statistics.median(run_s)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+    peak = peak_rss_bytes()
     print(
         json.dumps(
             {

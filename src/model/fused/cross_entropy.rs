@@ -32,12 +32,14 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     top + sum_map(row, |v| exp(v - top)).ln()
 }
 
-/// `d = −g · softmax(row)`, from the row's log-sum-exp.
+/// `row ← g · (onehot(target) − softmax(row))`, the gradient of `g · log p(target)` with
+/// respect to the logits, from the row's log-sum-exp.
 #[multiversion(targets = "simd")]
-fn scaled_softmax(row: &[f32], lse: f32, g: f32, d: &mut [f32]) {
-    for (d, v) in d.iter_mut().zip(row) {
-        *d = -g * exp(v - lse);
+fn log_prob_grad_in_place(row: &mut [f32], lse: f32, target: usize, g: f32) {
+    for v in row.iter_mut() {
+        *v = -g * exp(*v - lse);
     }
+    row[target] += g;
 }
 
 impl CustomOp1 for TargetLogProbs {
@@ -60,13 +62,12 @@ impl CustomOp1 for TargetLogProbs {
         let vocab = logits.dims2()?.1;
         let d = with_f32(logits, self.name(), |x| {
             with_f32(grad, self.name(), |g| {
-                let mut d = vec![0f32; x.len()];
+                let mut d = x.to_vec();
                 d.par_chunks_mut(vocab)
-                    .zip(x.par_chunks(vocab))
                     .zip(g.par_iter().zip(self.targets.par_iter()))
-                    .for_each(|((d, row), (&g, &t))| {
-                        scaled_softmax(row, log_sum_exp(row), g, d);
-                        d[t as usize] += g;
+                    .for_each(|(row, (&g, &t))| {
+                        let lse = log_sum_exp(row);
+                        log_prob_grad_in_place(row, lse, t as usize, g);
                     });
                 Ok(d)
             })
@@ -121,6 +122,14 @@ struct HeadTargetLogProbs {
     grad_rows: Mutex<Option<Vec<f32>>>,
 }
 
+impl HeadTargetLogProbs {
+    fn grad_rows(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<f32>>>> {
+        self.grad_rows
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("output head: poisoned lock".into()))
+    }
+}
+
 impl CustomOp1 for HeadTargetLogProbs {
     fn name(&self) -> &'static str {
         "fused-head-target-log-probs"
@@ -154,9 +163,8 @@ impl CustomOp1 for HeadTargetLogProbs {
                         let lse = log_sum_exp(row);
                         *out = row[t as usize] - lse;
                         if self.with_grad {
-                            // The row becomes d out / d logits = onehot(t) − softmax.
-                            scaled_softmax_in_place(row, lse);
-                            row[t as usize] += 1.0;
+                            // The row becomes d out / d logits.
+                            log_prob_grad_in_place(row, lse, t as usize, 1.0);
                         }
                     });
                 if self.with_grad {
@@ -174,22 +182,14 @@ impl CustomOp1 for HeadTargetLogProbs {
             Ok(())
         })?;
         if self.with_grad {
-            *self
-                .grad_rows
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("output head: poisoned lock".into()))? =
-                Some(grad_rows);
+            *self.grad_rows()? = Some(grad_rows);
         }
         Ok((CpuStorage::F32(out), Shape::from(rows)))
     }
 
     fn bwd(&self, hidden: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (_, h) = hidden.dims2()?;
-        let d = self
-            .grad_rows
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("output head: poisoned lock".into()))?
-            .take();
+        let d = self.grad_rows()?.take();
         let Some(mut d) = d else {
             bail!("output head: backward pass without the gradient rows of a forward pass that tracked its input")
         };
@@ -200,13 +200,5 @@ impl CustomOp1 for HeadTargetLogProbs {
             Ok(())
         })?;
         Ok(Some(Tensor::from_vec(d, hidden.shape(), hidden.device())?))
-    }
-}
-
-/// `row ← −softmax(row)` from the row's log-sum-exp.
-#[multiversion(targets = "simd")]
-fn scaled_softmax_in_place(row: &mut [f32], lse: f32) {
-    for v in row.iter_mut() {
-        *v = -exp(*v - lse);
     }
 }
