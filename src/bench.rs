@@ -10,6 +10,7 @@
 //! small reference shape, or SmolLM2-135M's.
 
 use crate::adapters::{self, dropout::DropoutKey, AttachSpec, Method, MODULES};
+use crate::model::frozen_matmul::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, LlamaConfig, Weights};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -112,6 +113,10 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[command(flatten)]
     pub model: BenchModelArgs,
+    /// Inputs of the frozen weights' products: `bf16` runs them on AMX from bf16 inputs
+    /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
+    #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
+    pub matmul_precision: MatmulPrecision,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -146,6 +151,7 @@ impl BenchTrainArgs {
         TrainBenchSpec {
             steps: self.steps,
             warmup: self.warmup,
+            matmul_precision: self.matmul_precision,
             ..self.model.spec()
         }
     }
@@ -352,6 +358,7 @@ pub struct TrainBenchSpec {
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for TrainBenchSpec {
@@ -378,6 +385,7 @@ impl Default for TrainBenchSpec {
             warmup: 2,
             steps: 10,
             seed: 0,
+            matmul_precision: MatmulPrecision::F32,
         }
     }
 }
@@ -459,9 +467,17 @@ impl TrainBenchReport {
         out.push_str("# recover bench train\n\n");
         out.push_str(&format!(
             "shape: {}; batch {} × {} tokens; \
-             f32; LoRA r={} alpha={} dropout={} on all 7 projections; AdamW lr {:e}; {} threads\n\n",
-            s.describe_shape(), s.batch, s.seq_len,
-            s.rank, s.alpha, s.dropout, s.learning_rate, self.threads
+             f32, frozen products {}; LoRA r={} alpha={} dropout={} on all 7 projections; \
+             AdamW lr {:e}; {} threads\n\n",
+            s.describe_shape(),
+            s.batch,
+            s.seq_len,
+            s.matmul_precision,
+            s.rank,
+            s.alpha,
+            s.dropout,
+            s.learning_rate,
+            self.threads
         ));
         out.push_str("| metric | value |\n|---|---|\n");
         let rows = [
@@ -533,6 +549,13 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         alpha_pattern: BTreeMap::new(),
     };
     let attached = adapters::attach(&mut model, &attach, spec.seed, &dropout)?;
+    if !model.set_matmul_precision(spec.matmul_precision)? {
+        bail!(
+            "bench train: --matmul-precision {} needs a CPU with AMX (Intel Sapphire Rapids or \
+             later) and a kernel that grants it; use f32 here",
+            spec.matmul_precision
+        );
+    }
     let vars = adapters::trainable_vars(&model);
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
 

@@ -47,7 +47,7 @@ fn rora_learns_a_synthetic_copy_task() {
     let run_dir = tmp.path().join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
     let report = train::finetune(
-        &model,
+        &mut model,
         &loaded.tokenizer,
         &spec,
         0,

@@ -14,6 +14,7 @@ use common::max_abs_diff;
 use rora::adapters::dropout::DropoutKey;
 use rora::adapters::lora::LoraAdapter;
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
+use rora::model::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use rora::model::fused::cross_entropy::head_target_log_probs;
 use rora::model::fused::dropout::{dropout, DropoutMask};
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
@@ -160,7 +161,7 @@ fn lora_linear_matches_composite_with_and_without_dropout() {
     for dropout in [0.0, 0.2] {
         let (in_dim, out_dim, rank) = (24, 40, 4);
         let x = var(&[3, 7, in_dim], 11);
-        let weight = (randn(&[out_dim, in_dim], 12) * 0.2).unwrap();
+        let weight = FrozenWeight::new((randn(&[out_dim, in_dim], 12) * 0.2).unwrap());
         let key = DropoutKey::default();
         key.set_train(77);
         let adapter = LoraAdapter {
@@ -222,4 +223,92 @@ fn kernels_fall_back_for_other_dtypes() {
     let y = norm.forward(&x).unwrap();
     let want = norm.forward_composite(&x).unwrap();
     assert_eq!(max_abs_diff(&y, &want), 0.0);
+}
+
+/// `t` rounded to bf16 (candle's conversion: round to nearest even), as f32.
+fn bf16_rounded(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// With packed bf16 weights, the frozen products are exactly f32 products of bf16-rounded
+/// operands: forward `round(x) round(W)ᵀ`, input gradient `round(dy) round(W)`. The
+/// objective `Σ y ⊙ probe` makes `dy = probe`, so both sides are known without the kernel.
+/// The adapter's own products stay f32 (dA, dB against the f32 composite). Tolerances
+/// as for the f32 kernels: the same exact products summed in another order.
+#[test]
+fn bf16_products_are_f32_products_of_rounded_operands() {
+    let (in_dim, out_dim, rank) = (40, 56, 4);
+    let x = var(&[2, 9, in_dim], 21);
+    let w = (randn(&[out_dim, in_dim], 22) * 0.2).unwrap();
+    let mut weight = FrozenWeight::new(w.clone());
+    if !weight.set_precision(MatmulPrecision::Bf16).unwrap() {
+        // Without AMX the weight stays f32 and unpacked.
+        assert!(weight.packed().is_none());
+        eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+        return;
+    }
+    let probe = randn(&[2, 9, out_dim], 23);
+    let (x_r, w_r, probe_r) = (bf16_rounded(&x), bf16_rounded(&w), bf16_rounded(&probe));
+    let want_dx = probe_r.broadcast_matmul(&w_r).unwrap();
+    let relative = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / max_abs(b);
+
+    // The frozen projection alone.
+    let y = frozen_matmul_t(&x, &weight).unwrap();
+    let want_y = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
+    let dx = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (out, grad) = (
+        relative(&y, &want_y),
+        relative(dx.get(&x).unwrap(), &want_dx),
+    );
+    assert_close("frozen projection, bf16", (out, grad));
+
+    // With a LoRA update (no dropout): y = round(x) round(W)ᵀ + γ x Aᵀ Bᵀ.
+    let adapter = LoraAdapter {
+        a: var(&[rank, in_dim], 24),
+        b: var(&[out_dim, rank], 25),
+        scale: 2.0,
+        dropout: 0.0,
+        dropout_key: DropoutKey::default(),
+        id: 1,
+    };
+    let y = adapter.forward(&x, &weight).unwrap();
+    let f32_weight = FrozenWeight::new(w.clone());
+    let composite = adapter.forward_composite(&x, &f32_weight).unwrap();
+    let base_f32 = frozen_matmul_t(&x.as_tensor().detach(), &f32_weight).unwrap();
+    let want_y = ((&composite - &base_f32).unwrap() + &want_y).unwrap();
+    let grads = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grads_f32 = (&composite * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    // dx = round(dy) round(W) + γ (dy B) A
+    let (a, b) = (adapter.a.as_tensor(), adapter.b.as_tensor());
+    let lora_dx = (probe
+        .broadcast_matmul(b)
+        .unwrap()
+        .broadcast_matmul(a)
+        .unwrap()
+        * 2.0)
+        .unwrap();
+    let want_dx = (&want_dx + lora_dx).unwrap();
+    let mut worst = relative(grads.get(&x).unwrap(), &want_dx);
+    for v in [&adapter.a, &adapter.b] {
+        worst = worst.max(relative(grads.get(v).unwrap(), grads_f32.get(v).unwrap()));
+    }
+    assert_close("lora, bf16 frozen products", (relative(&y, &want_y), worst));
 }

@@ -6,7 +6,7 @@
 
 use super::dropout::to_f32;
 use super::lora::LoraAdapter;
-use crate::model::frozen_matmul::frozen_matmul_t;
+use crate::model::frozen_matmul::{frozen_matmul_t, FrozenWeight};
 use anyhow::Result;
 use candle_core::{Tensor, Var, D};
 
@@ -34,14 +34,19 @@ impl DoraAdapter {
     }
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        self.forward_with_norm(x, weight, &self.weight_norm(weight)?)
+    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+        self.forward_with_norm(x, weight, &self.weight_norm(weight.tensor())?)
     }
 
     /// The forward pass for a given row norm (out,). The backward pass treats the norm as
     /// a constant, so this is the function whose gradient training follows; gradient
     /// checks hold the norm fixed through it.
-    pub fn forward_with_norm(&self, x: &Tensor, weight: &Tensor, norm: &Tensor) -> Result<Tensor> {
+    pub fn forward_with_norm(
+        &self,
+        x: &Tensor,
+        weight: &FrozenWeight,
+        norm: &Tensor,
+    ) -> Result<Tensor> {
         let lora = &self.lora;
         let base = frozen_matmul_t(x, weight)?;
         let dropped = lora.dropout_key.apply(x, lora.dropout, lora.id)?;

@@ -2,7 +2,7 @@
 //! `alpha / sqrt(r)` (RoRA, PEFT's `use_rslora`).
 
 use super::dropout::{to_f32, DropoutKey};
-use crate::model::frozen_matmul::frozen_matmul_t;
+use crate::model::frozen_matmul::{frozen_matmul_t, FrozenWeight};
 use crate::model::fused;
 use crate::model::linear::matmul_t;
 use anyhow::Result;
@@ -29,9 +29,12 @@ impl LoraAdapter {
     }
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-        if [x, weight, a, b].into_iter().all(fused::applies_to) {
+        if [x, weight.tensor(), a, b]
+            .into_iter()
+            .all(fused::applies_to)
+        {
             let mask = self.dropout_key.mask(self.dropout, self.id);
             return Ok(fused::lora::lora_linear(x, weight, a, b, self.scale, mask)?);
         }
@@ -39,7 +42,7 @@ impl LoraAdapter {
     }
 
     /// The same from candle's differentiable ops: any dtype and device.
-    pub fn forward_composite(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    pub fn forward_composite(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
         let base = frozen_matmul_t(x, weight)?;
         let dropped = self.dropout_key.apply(x, self.dropout, self.id)?;
         let delta = self.delta(&dropped)?;

@@ -8,6 +8,7 @@ pub mod lora;
 pub mod merge;
 pub mod peft;
 
+use crate::model::frozen_matmul::FrozenWeight;
 use crate::model::Llama;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -196,7 +197,7 @@ pub enum Adapter {
 }
 
 impl Adapter {
-    pub fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
         match self {
             Adapter::Lora(a) => a.forward(x, weight),
             Adapter::Dora(a) => a.forward(x, weight),

@@ -1,4 +1,5 @@
-//! `x Wᵀ` for a frozen weight, with a backward pass for `x` only.
+//! `x Wᵀ` for a frozen weight, with a backward pass for `x` only, in f32 or (where the
+//! CPU has AMX) from bf16 inputs.
 //!
 //! candle's `matmul` backward always computes both operand gradients, so every frozen
 //! projection paid for a full `dW = dYᵀ X` matmul (as large as the forward) and for a
@@ -6,33 +7,101 @@
 //! through adapters never needs `dW`; this op gives candle a backward that returns
 //! `dX = dY W` alone.
 
+use super::fused::{self, amx::PackedWeight};
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The inputs of the frozen weights' products (forward and input gradient; adapters,
+/// attention and the optimizer stay f32). `bf16` rounds both operands to bf16 and sums
+/// in f32, as PyTorch does under `torch.set_float32_matmul_precision("medium")` or bf16
+/// autocast; it runs on AMX, and where the CPU has none the products stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::fmt::Display for MatmulPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A frozen weight (out, in) and, when its products run in bf16, its packed copies.
+#[derive(Clone, Debug)]
+pub struct FrozenWeight {
+    tensor: Tensor,
+    packed: Option<Arc<PackedWeight>>,
+}
+
+impl FrozenWeight {
+    pub fn new(tensor: Tensor) -> Self {
+        Self {
+            tensor,
+            packed: None,
+        }
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// The bf16 copies the AMX kernel reads, when packed.
+    pub fn packed(&self) -> Option<&PackedWeight> {
+        self.packed.as_deref()
+    }
+
+    /// Packs (bf16) or drops (f32) the bf16 copies. Returns whether the products now run
+    /// at `precision`: bf16 needs AMX and an f32 weight on the CPU, and stays f32 without.
+    pub fn set_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
+        self.packed = None;
+        if precision == MatmulPrecision::F32 {
+            return Ok(true);
+        }
+        if !fused::amx::available() || !fused::applies_to(&self.tensor) {
+            return Ok(false);
+        }
+        let (out_dim, in_dim) = self.tensor.dims2()?;
+        let values = self.tensor.flatten_all()?.to_vec1::<f32>()?;
+        self.packed = Some(Arc::new(PackedWeight::new(&values, out_dim, in_dim)));
+        Ok(true)
+    }
+}
 
 /// `x`: (..., in), `w`: (out, in) → (..., out). `w` gets no gradient; `x` does.
-pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let (out_dim, w_in) = w.dims2()?;
+    let (out_dim, w_in) = w.tensor.dims2()?;
     if w_in != in_dim {
         bail!("matmul shape mismatch: input (..., {in_dim}) against weight ({out_dim}, {w_in})");
     }
-    if x.dtype() != w.dtype() {
+    if x.dtype() != w.tensor.dtype() {
         bail!(
             "matmul dtype mismatch: input {:?}, weight {:?}",
             x.dtype(),
-            w.dtype()
+            w.tensor.dtype()
         );
     }
     let x2 = x.reshape((rows, in_dim))?;
-    // The custom op has a CPU kernel only; elsewhere candle's matmul is used (and
+    // The custom op has f32 CPU kernels only; elsewhere candle's matmul is used (and
     // computes the unused dW, as before).
     let out = if x.device().is_cpu() {
-        x2.apply_op1(FrozenMatmulT { w: w.clone() })?
+        x2.apply_op1(FrozenMatmulT {
+            w: w.clone(),
+            dims: (out_dim, in_dim),
+        })?
     } else {
-        x2.matmul(&w.t()?)?
+        x2.matmul(&w.tensor.t()?)?
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has at least one dim") = out_dim;
@@ -40,8 +109,9 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct FrozenMatmulT {
+    w: FrozenWeight,
     /// (out, in)
-    w: Tensor,
+    dims: (usize, usize),
 }
 
 impl CustomOp1 for FrozenMatmulT {
@@ -55,24 +125,48 @@ impl CustomOp1 for FrozenMatmulT {
         x_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, in_dim) = x_layout.shape().dims2()?;
-        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let (out_dim, _) = self.dims;
+        let shape = Shape::from((rows, out_dim));
+        if let (CpuStorage::F32(_), Some(_)) = (x, x_layout.contiguous_offsets()) {
+            let x = fused::cpu_f32(x, x_layout, self.name())?;
+            let y = fused::with_f32(&self.w.tensor, self.name(), |w| {
+                Ok(fused::frozen_product_t(
+                    x,
+                    rows,
+                    w,
+                    self.dims,
+                    self.w.packed(),
+                ))
+            })?;
+            return Ok((CpuStorage::F32(y), shape));
+        }
+        // Other dtypes (and strided inputs): candle's CPU matmul on Wᵀ as a strided view.
+        let (w_storage, w_layout) = self.w.tensor.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             candle_core::bail!("frozen-matmul-t: the weight is not on the CPU")
         };
-        let (out_dim, _) = w_layout.shape().dims2()?;
-        // Wᵀ as a strided view: (in, out).
         let wt_layout = w_layout.transpose(0, 1)?;
         let y = x.matmul(w, (1, rows, out_dim, in_dim), x_layout, &wt_layout)?;
-        Ok((y, Shape::from((rows, out_dim))))
+        Ok((y, shape))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        grad_y: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        // (rows, out) · (out, in) → (rows, in)
-        Ok(Some(grad_y.matmul(&self.w)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if grad_y.dtype() != DType::F32 || self.w.tensor.dtype() != DType::F32 {
+            // (rows, out) · (out, in) → (rows, in)
+            return Ok(Some(grad_y.matmul(&self.w.tensor)?));
+        }
+        let rows = grad_y.dim(0)?;
+        let dx = fused::with_f32(grad_y, self.name(), |dy| {
+            fused::with_f32(&self.w.tensor, self.name(), |w| {
+                Ok(fused::frozen_product(
+                    dy,
+                    rows,
+                    w,
+                    self.dims,
+                    self.w.packed(),
+                ))
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

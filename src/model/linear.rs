@@ -2,7 +2,7 @@
 //! one place where an adapter hooks in, so the forward pass never changes when one is
 //! attached.
 
-use super::frozen_matmul::frozen_matmul_t;
+use super::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use crate::adapters::Adapter;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// (out, in), frozen.
-    weight: Tensor,
+    weight: FrozenWeight,
     adapter: Option<Adapter>,
     /// Calibration (pruning): statistics of the inputs this projection sees.
     recorder: Option<Arc<Mutex<InputStats>>>,
@@ -49,18 +49,29 @@ impl InputStats {
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
-            weight,
+            weight: FrozenWeight::new(weight),
             adapter: None,
             recorder: None,
         }
     }
 
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.weight.tensor()
     }
 
+    /// Replaces the weight (its products go back to f32).
     pub fn set_weight(&mut self, weight: Tensor) {
-        self.weight = weight;
+        self.weight = FrozenWeight::new(weight);
+    }
+
+    /// Whether the weight's products run from packed bf16 copies.
+    pub fn is_packed(&self) -> bool {
+        self.weight.packed().is_some()
+    }
+
+    /// See [`FrozenWeight::set_precision`].
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
+        self.weight.set_precision(precision)
     }
 
     pub fn adapter(&self) -> Option<&Adapter> {

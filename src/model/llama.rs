@@ -3,7 +3,7 @@
 
 use super::attention::{Attention, LayerKv};
 use super::config::{LayerShape, LlamaConfig};
-use super::frozen_matmul::frozen_matmul_t;
+use super::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use super::linear::Linear;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
@@ -207,7 +207,7 @@ impl Llama {
 
     /// (..., hidden) → (..., vocab).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        frozen_matmul_t(hidden, self.head_weight())
+        frozen_matmul_t(hidden, &FrozenWeight::new(self.head_weight().clone()))
     }
 
     /// The output head's weight (vocab, hidden): its own, or the embeddings when tied.
@@ -249,6 +249,27 @@ impl Llama {
             ]
             .map(|(p, lin)| (i, p, lin))
         })
+    }
+
+    /// Sets how the projections' frozen weights multiply (see [`MatmulPrecision`]);
+    /// packing bf16 copies takes as much memory as the f32 weights. Returns whether every
+    /// projection runs at `precision` (bf16 falls back to f32 without AMX).
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
+        let mut all = true;
+        for (_, _, linear) in self.projections_mut() {
+            all &= linear.set_matmul_precision(precision)?;
+        }
+        Ok(all)
+    }
+
+    /// The precision the projections' products run at: bf16 when every one is packed.
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        let mut projections = self.projections().peekable();
+        if projections.peek().is_some() && projections.all(|(_, _, l)| l.is_packed()) {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::F32
+        }
     }
 
     /// Like [`Llama::projections`], mutable (for attaching and merging adapters).

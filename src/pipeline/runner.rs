@@ -293,18 +293,20 @@ fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
 }
 
 fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
-    let loaded = ctx.model("finetune")?;
+    let (seed, resume) = (ctx.spec.seed, ctx.options.resume);
+    let (run_dir, dropout) = (ctx.run.path().to_path_buf(), ctx.dropout.clone());
+    let loaded = ctx.model_mut("finetune")?;
     let report = train::finetune(
-        &loaded.model,
+        &mut loaded.model,
         &loaded.tokenizer,
         spec,
-        ctx.spec.seed,
-        ctx.run.path(),
-        &ctx.dropout,
-        ctx.options.resume,
+        seed,
+        &run_dir,
+        &dropout,
+        resume,
     )?;
     progress::line(&format!(
-        "finetune: {} of {} steps, loss {:.4} → {:.4}{}, {:.0} tokens/s",
+        "finetune: {} of {} steps, loss {:.4} → {:.4}{}, {:.0} tokens/s ({} products)",
         report.steps,
         report.total_steps,
         report.first_loss.unwrap_or(f64::NAN),
@@ -312,7 +314,8 @@ fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
         report
             .val_loss
             .map_or(String::new(), |v| format!(", val loss {v:.4}")),
-        report.tokens_per_s
+        report.tokens_per_s,
+        report.matmul_precision
     ));
     fsx::write_json(&ctx.run.file("finetune.json"), &report)
 }

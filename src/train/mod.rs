@@ -8,6 +8,7 @@ pub mod optim;
 pub mod schedule;
 
 use crate::adapters::{dropout::DropoutKey, trainable_vars};
+use crate::model::frozen_matmul::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, TextTokenizer};
 use crate::report::plot::{line_chart, Series};
@@ -76,6 +77,11 @@ pub struct FinetuneSpec {
     /// with `--resume`: for time-boxed sessions.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Inputs of the frozen weights' products: `f32`, or `bf16` (on AMX, as PyTorch's
+    /// bf16 autocast rounds them; adapters, attention and the optimizer stay f32). A CPU
+    /// without AMX trains in f32 and says so.
+    #[serde(default)]
+    pub matmul_precision: MatmulPrecision,
 }
 
 fn d_cutoff() -> usize {
@@ -161,12 +167,15 @@ pub struct FinetuneReport {
     pub tokens: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// The precision the frozen products ran at (`bf16` asked on a CPU without AMX: f32).
+    pub matmul_precision: MatmulPrecision,
 }
 
 /// Trains the model's adapters. Outputs go to `run_dir`: `train-log.jsonl`,
-/// `checkpoints/`, `loss-curve.svg`.
+/// `checkpoints/`, `loss-curve.svg`. The frozen products run at `spec.matmul_precision`
+/// during training and at f32 again afterwards.
 pub fn finetune(
-    model: &Llama,
+    model: &mut Llama,
     tok: &TextTokenizer,
     spec: &FinetuneSpec,
     seed: u64,
@@ -175,6 +184,29 @@ pub fn finetune(
     resume: bool,
 ) -> Result<FinetuneReport> {
     spec.validate()?;
+    if !model.set_matmul_precision(spec.matmul_precision)? {
+        progress::line(&format!(
+            "finetune: matmul_precision {} needs a CPU with AMX (Intel Sapphire Rapids or \
+             later); training with f32 products",
+            spec.matmul_precision
+        ));
+        model.set_matmul_precision(MatmulPrecision::F32)?;
+    }
+    let report = train_adapters(model, tok, spec, seed, run_dir, dropout, resume);
+    // Drops the packed bf16 copies: evaluation and export use the f32 weights.
+    model.set_matmul_precision(MatmulPrecision::F32)?;
+    report
+}
+
+fn train_adapters(
+    model: &Llama,
+    tok: &TextTokenizer,
+    spec: &FinetuneSpec,
+    seed: u64,
+    run_dir: &Path,
+    dropout: &DropoutKey,
+    resume: bool,
+) -> Result<FinetuneReport> {
     let device = model.device().clone();
 
     // Data: all examples, a seeded validation split, then the training set.
@@ -377,6 +409,7 @@ pub fn finetune(
         tokens: tokens_done,
         seconds,
         tokens_per_s: tokens_done as f64 / seconds.max(1e-9),
+        matmul_precision: model.matmul_precision(),
     })
 }
 

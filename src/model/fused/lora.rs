@@ -9,7 +9,10 @@
 //! `W` gets no gradient.
 
 use super::dropout::DropoutMask;
-use super::{cpu_f32, gemm, gemm_par, gemm_par_new, with_f32, Mat};
+use super::{
+    cpu_f32, frozen_product, frozen_product_t, gemm, gemm_par, gemm_par_new, with_f32, Mat,
+};
+use crate::model::frozen_matmul::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
 
@@ -17,7 +20,7 @@ use std::borrow::Cow;
 /// (..., out). `dropout`: the mask on the update's input, if any.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
@@ -26,18 +29,18 @@ pub fn lora_linear(
     let dims = x.dims();
     let in_dim = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / in_dim.max(1);
-    let (out_dim, w_in) = weight.dims2()?;
+    let (out_dim, w_in) = weight.tensor().dims2()?;
     let (rank, a_in) = a.dims2()?;
     if w_in != in_dim || a_in != in_dim || b.dims() != [out_dim, rank] {
         bail!(
             "lora: input (..., {in_dim}), weight {:?}, A {:?}, B {:?} do not fit together",
-            weight.dims(),
+            weight.tensor().dims(),
             a.dims(),
             b.dims()
         );
     }
     let op = LoraOp {
-        weight: weight.contiguous()?,
+        weight: weight.clone(),
         shape: (rows, in_dim, out_dim, rank),
         scale: scale as f32,
         dropout,
@@ -56,7 +59,7 @@ pub fn lora_linear(
 
 struct LoraOp {
     /// (out, in), frozen.
-    weight: Tensor,
+    weight: FrozenWeight,
     /// (rows, in, out, r)
     shape: (usize, usize, usize, usize),
     scale: f32,
@@ -107,12 +110,13 @@ impl CustomOp3 for LoraOp {
         let a = cpu_f32(a, a_layout, self.name())?;
         let b = cpu_f32(b, b_layout, self.name())?;
         let down = self.down(&self.dropped(x), a);
-        let mut y = with_f32(&self.weight, self.name(), |w| {
-            Ok(gemm_par_new(
-                (rows, out_dim, in_dim),
-                Mat::rows(x, in_dim),
-                Mat::transposed(w, in_dim),
-                1.0,
+        let mut y = with_f32(self.weight.tensor(), self.name(), |w| {
+            Ok(frozen_product_t(
+                x,
+                rows,
+                w,
+                (out_dim, in_dim),
+                self.weight.packed(),
             ))
         })?;
         gemm_par(
@@ -140,7 +144,7 @@ impl CustomOp3 for LoraOp {
             with_f32(a, n, |a| {
                 with_f32(b, n, |b| {
                     with_f32(grad_y, n, |dy| {
-                        with_f32(&self.weight, n, |w| {
+                        with_f32(self.weight.tensor(), n, |w| {
                             let xd = self.dropped(x);
                             let down = self.down(&xd, a);
                             // dB = γ · dyᵀ down  (out, r)
@@ -174,11 +178,12 @@ impl CustomOp3 for LoraOp {
                                 1.0,
                             );
                             // dx = dy W + mask ⊙ (u A)
-                            let mut dx = gemm_par_new(
-                                (rows, in_dim, out_dim),
-                                Mat::rows(dy, out_dim),
-                                Mat::rows(w, in_dim),
-                                1.0,
+                            let mut dx = frozen_product(
+                                dy,
+                                rows,
+                                w,
+                                (out_dim, in_dim),
+                                self.weight.packed(),
                             );
                             match &self.dropout {
                                 None => gemm_par(

@@ -8,6 +8,7 @@
 //! composite forms stay (next to each caller) for other dtypes and devices, and the tests
 //! check each kernel against them.
 
+pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
@@ -26,7 +27,7 @@ pub fn applies_to(t: &Tensor) -> bool {
 }
 
 /// The f32 values of a contiguous CPU storage.
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
         bail!("{op}: expected f32 data, got {:?}", storage.dtype())
     };
@@ -38,13 +39,52 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a
 
 /// Runs `f` on the f32 values of `t` (made contiguous): backward passes receive tensors,
 /// not storages.
-fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         bail!("{op}: the tensor is not on the CPU")
     };
     f(cpu_f32(cpu, layout, op)?)
+}
+
+/// `x Wᵀ` for `x` (rows × in) and a frozen weight `w` (out × in): on AMX from bf16
+/// inputs when `packed` holds its bf16 copies, otherwise in f32.
+pub(crate) fn frozen_product_t(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    (out_dim, in_dim): (usize, usize),
+    packed: Option<&amx::PackedWeight>,
+) -> Vec<f32> {
+    match packed {
+        Some(p) => amx::product(x, rows, &p.forward),
+        None => gemm_par_new(
+            (rows, out_dim, in_dim),
+            Mat::rows(x, in_dim),
+            Mat::transposed(w, in_dim),
+            1.0,
+        ),
+    }
+}
+
+/// `dy W` for `dy` (rows × out): the input gradient of [`frozen_product_t`].
+pub(crate) fn frozen_product(
+    dy: &[f32],
+    rows: usize,
+    w: &[f32],
+    (out_dim, in_dim): (usize, usize),
+    packed: Option<&amx::PackedWeight>,
+) -> Vec<f32> {
+    match packed {
+        Some(p) => amx::product(dy, rows, &p.backward),
+        None => gemm_par_new(
+            (rows, in_dim, out_dim),
+            Mat::rows(dy, out_dim),
+            Mat::rows(w, in_dim),
+            1.0,
+        ),
+    }
 }
 
 /// A matrix operand for [`gemm`]: its values and the strides of a row and of a column.
