@@ -201,7 +201,8 @@ fn output_head_log_probs_match_logits_then_log_softmax() {
     let ids: Vec<u32> = (0..rows as u32)
         .map(|i| (i * 53 + 11) % vocab as u32)
         .collect();
-    let fused = head_target_log_probs(&hidden, &weight, ids.clone()).unwrap();
+    let fused = head_target_log_probs(&hidden, &FrozenWeight::new(weight.clone()), ids.clone())
+        .unwrap();
     let logits = hidden
         .matmul(&weight.t().unwrap())
         .unwrap()
@@ -311,4 +312,50 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
         worst = worst.max(relative(grads.get(v).unwrap(), grads_f32.get(v).unwrap()));
     }
     assert_close("lora, bf16 frozen products", (relative(&y, &want_y), worst));
+}
+
+/// The output head with packed bf16 weights: log-probs of `round(h) round(W)ᵀ`, and the
+/// gradient rows `round(onehot − softmax) round(W)` scaled by each row's upstream gradient
+/// (the two products the op runs on AMX), from candle's f32 ops on rounded operands.
+#[test]
+fn output_head_with_bf16_products_matches_rounded_operands() {
+    let (rows, hidden_dim, vocab) = (150, 48, 300);
+    let hidden = var(&[rows, hidden_dim], 31);
+    let w = (randn(&[vocab, hidden_dim], 32) * 0.5).unwrap();
+    let mut weight = FrozenWeight::new(w.clone());
+    if !weight.set_precision(MatmulPrecision::Bf16).unwrap() {
+        assert!(weight.packed().is_none());
+        eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+        return;
+    }
+    let ids: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 53 + 11) % vocab as u32)
+        .collect();
+    let out = head_target_log_probs(&hidden, &weight, ids.clone()).unwrap();
+    let probe = randn(&[rows], 33);
+    let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let w_r = bf16_rounded(&w);
+    let logits = bf16_rounded(&hidden).matmul(&w_r.t().unwrap()).unwrap();
+    let targets = Tensor::from_vec(ids.clone(), (1, rows), &Device::Cpu).unwrap();
+    let want = target_log_probs_composite(&logits.unsqueeze(0).unwrap(), &targets)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut onehot = vec![0f32; rows * vocab];
+    for (i, &t) in ids.iter().enumerate() {
+        onehot[i * vocab + t as usize] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (rows, vocab), &Device::Cpu).unwrap();
+    let softmax = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+    let rows_grad = bf16_rounded(&(onehot - softmax).unwrap()).matmul(&w_r).unwrap();
+    let want_grad = rows_grad
+        .broadcast_mul(&probe.unsqueeze(1).unwrap())
+        .unwrap();
+    let got_grad = grads.get(&hidden).unwrap();
+    let relative = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / max_abs(b);
+    assert_close(
+        "output head, bf16",
+        (relative(&out, &want), relative(got_grad, &want_grad)),
+    );
 }

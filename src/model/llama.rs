@@ -83,6 +83,8 @@ pub struct Llama {
     /// `None` when the output head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
     rope: RotaryEmbedding,
+    /// The output head packed for bf16 products (see [`Llama::set_matmul_precision`]).
+    head_bf16: Option<FrozenWeight>,
 }
 
 impl Llama {
@@ -143,6 +145,7 @@ impl Llama {
             embed_tokens,
             layers,
             lm_head,
+            head_bf16: None,
         })
     }
 
@@ -207,7 +210,17 @@ impl Llama {
 
     /// (..., hidden) → (..., vocab).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        frozen_matmul_t(hidden, &FrozenWeight::new(self.head_weight().clone()))
+        frozen_matmul_t(hidden, &self.head())
+    }
+
+    /// The output head as a frozen weight: packed for bf16 products when
+    /// [`Llama::set_matmul_precision`] packed this very tensor.
+    pub fn head(&self) -> FrozenWeight {
+        let weight = self.head_weight();
+        match &self.head_bf16 {
+            Some(packed) if packed.tensor().id() == weight.id() => packed.clone(),
+            _ => FrozenWeight::new(weight.clone()),
+        }
     }
 
     /// The output head's weight (vocab, hidden): its own, or the embeddings when tied.
@@ -251,14 +264,18 @@ impl Llama {
         })
     }
 
-    /// Sets how the projections' frozen weights multiply (see [`MatmulPrecision`]);
-    /// packing bf16 copies takes as much memory as the f32 weights. Returns whether every
-    /// projection runs at `precision` (bf16 falls back to f32 without AMX).
+    /// Sets how the projections' and the output head's frozen weights multiply (see
+    /// [`MatmulPrecision`]); packing bf16 copies takes as much memory as the f32 weights.
+    /// Returns whether every product runs at `precision` (bf16 falls back to f32 without
+    /// AMX). Weights replaced afterwards multiply in f32 until this is called again.
     pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
         let mut all = true;
         for (_, _, linear) in self.projections_mut() {
             all &= linear.set_matmul_precision(precision)?;
         }
+        let mut head = FrozenWeight::new(self.head_weight().clone());
+        all &= head.set_precision(precision)?;
+        self.head_bf16 = head.packed().is_some().then_some(head);
         Ok(all)
     }
 

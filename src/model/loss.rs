@@ -56,7 +56,7 @@ pub fn masked_mean_nll_from_hidden(
     let targets = targets.flatten_all()?.index_select(&index, 0)?; // (n,)
     let total = if fused::applies_to(&hidden) && fused::applies_to(model.head_weight()) {
         let ids = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        fused::cross_entropy::head_target_log_probs(&hidden, model.head_weight(), ids)?.sum_all()?
+        fused::cross_entropy::head_target_log_probs(&hidden, &model.head(), ids)?.sum_all()?
     } else {
         let logits = model.lm_head(&hidden)?.unsqueeze(0)?; // (1, n, vocab)
         target_log_probs(&logits, &targets.unsqueeze(0)?)?.sum_all()?

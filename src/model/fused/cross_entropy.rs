@@ -3,7 +3,8 @@
 //! log-sum-exp recomputed.
 
 use super::math::{exp, max, sum_map};
-use super::{cpu_f32, gemm_par, gemm_par_new, with_f32, Mat};
+use super::{cpu_f32, frozen_product, frozen_product_t, with_f32};
+use crate::model::frozen_matmul::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -88,16 +89,16 @@ const HEAD_BLOCK_ROWS: usize = 128;
 /// backward pass only scales D's rows; no logits are kept or recomputed.
 pub fn head_target_log_probs(
     hidden: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     targets: Vec<u32>,
 ) -> Result<Tensor> {
     let (rows, h) = hidden.dims2()?;
-    let (vocab, wh) = weight.dims2()?;
+    let (vocab, wh) = weight.tensor().dims2()?;
     if wh != h || targets.len() != rows {
         bail!(
             "output head: hidden {:?}, head {:?} and {} targets do not fit together",
             hidden.dims(),
-            weight.dims(),
+            weight.tensor().dims(),
             targets.len()
         );
     }
@@ -105,7 +106,7 @@ pub fn head_target_log_probs(
         bail!("output head: target id {bad} outside the vocabulary of {vocab}");
     }
     hidden.contiguous()?.apply_op1(HeadTargetLogProbs {
-        weight: weight.contiguous()?,
+        weight: weight.clone(),
         targets,
         with_grad: hidden.track_op(),
         grad_rows: Mutex::new(None),
@@ -114,7 +115,7 @@ pub fn head_target_log_probs(
 
 struct HeadTargetLogProbs {
     /// (vocab, h), frozen.
-    weight: Tensor,
+    weight: FrozenWeight,
     targets: Vec<u32>,
     /// Whether to compute D in the forward pass.
     with_grad: bool,
@@ -144,17 +145,13 @@ impl CustomOp1 for HeadTargetLogProbs {
         } else {
             Vec::new()
         };
-        with_f32(&self.weight, self.name(), |w| {
+        let packed = self.weight.packed();
+        with_f32(self.weight.tensor(), self.name(), |w| {
             let vocab = w.len() / h;
             for start in (0..rows).step_by(HEAD_BLOCK_ROWS) {
                 let n = HEAD_BLOCK_ROWS.min(rows - start);
                 let block = &hidden[start * h..(start + n) * h];
-                let mut logits = gemm_par_new(
-                    (n, vocab, h),
-                    Mat::rows(block, h),
-                    Mat::transposed(w, h),
-                    1.0,
-                );
+                let mut logits = frozen_product_t(block, n, w, (vocab, h), packed);
                 let targets = &self.targets[start..start + n];
                 logits
                     .par_chunks_mut(vocab)
@@ -168,15 +165,8 @@ impl CustomOp1 for HeadTargetLogProbs {
                         }
                     });
                 if self.with_grad {
-                    let dst = &mut grad_rows[start * h..(start + n) * h];
-                    gemm_par(
-                        (n, h, vocab),
-                        dst,
-                        false,
-                        Mat::rows(&logits, vocab),
-                        Mat::rows(w, h),
-                        1.0,
-                    );
+                    let d = frozen_product(&logits, n, w, (vocab, h), packed);
+                    grad_rows[start * h..(start + n) * h].copy_from_slice(&d);
                 }
             }
             Ok(())
