@@ -113,6 +113,15 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[command(flatten)]
     pub model: BenchModelArgs,
+    /// Sequences per step [default: 8].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence [default: 128].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// LoRA rank (alpha stays 2 × rank) [default: 8].
+    #[arg(long)]
+    pub rank: Option<usize>,
     /// Inputs of the frozen weights' products: `bf16` runs them on AMX from bf16 inputs
     /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
     #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
@@ -148,11 +157,17 @@ impl BenchModelArgs {
 impl BenchTrainArgs {
     /// The spec these arguments ask for.
     pub fn spec(&self) -> TrainBenchSpec {
+        let base = self.model.spec();
+        let rank = self.rank.unwrap_or(base.rank);
         TrainBenchSpec {
             steps: self.steps,
             warmup: self.warmup,
+            batch: self.batch.unwrap_or(base.batch),
+            seq_len: self.seq_len.unwrap_or(base.seq_len),
+            rank,
+            alpha: base.alpha / base.rank as f64 * rank as f64,
             matmul_precision: self.matmul_precision,
-            ..self.model.spec()
+            ..base
         }
     }
 }
@@ -527,6 +542,9 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     }
     if spec.vocab < 2 || spec.seq_len < 2 {
         bail!("bench train needs a vocabulary and a sequence of at least 2");
+    }
+    if spec.batch == 0 || spec.rank == 0 {
+        bail!("bench train needs --batch and --rank of at least 1");
     }
     let device = Device::Cpu;
     let mut model = random_model(spec, &device)?;
