@@ -201,8 +201,8 @@ fn output_head_log_probs_match_logits_then_log_softmax() {
     let ids: Vec<u32> = (0..rows as u32)
         .map(|i| (i * 53 + 11) % vocab as u32)
         .collect();
-    let fused = head_target_log_probs(&hidden, &FrozenWeight::new(weight.clone()), ids.clone())
-        .unwrap();
+    let fused =
+        head_target_log_probs(&hidden, &FrozenWeight::new(weight.clone()), ids.clone()).unwrap();
     let logits = hidden
         .matmul(&weight.t().unwrap())
         .unwrap()
@@ -333,7 +333,12 @@ fn output_head_with_bf16_products_matches_rounded_operands() {
         .collect();
     let out = head_target_log_probs(&hidden, &weight, ids.clone()).unwrap();
     let probe = randn(&[rows], 33);
-    let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (&out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
 
     let w_r = bf16_rounded(&w);
     let logits = bf16_rounded(&hidden).matmul(&w_r.t().unwrap()).unwrap();
@@ -348,7 +353,9 @@ fn output_head_with_bf16_products_matches_rounded_operands() {
     }
     let onehot = Tensor::from_vec(onehot, (rows, vocab), &Device::Cpu).unwrap();
     let softmax = candle_nn::ops::softmax_last_dim(&logits).unwrap();
-    let rows_grad = bf16_rounded(&(onehot - softmax).unwrap()).matmul(&w_r).unwrap();
+    let rows_grad = bf16_rounded(&(onehot - softmax).unwrap())
+        .matmul(&w_r)
+        .unwrap();
     let want_grad = rows_grad
         .broadcast_mul(&probe.unsqueeze(1).unwrap())
         .unwrap();

@@ -9,9 +9,7 @@
 //! `W` gets no gradient.
 
 use super::dropout::DropoutMask;
-use super::{
-    cpu_f32, frozen_product, frozen_product_t, gemm, gemm_par, gemm_par_new, with_f32, Mat,
-};
+use super::{cpu_f32, frozen_product, frozen_product_t, gemm_par, gemm_par_new, with_f32, Mat};
 use crate::model::frozen_matmul::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
@@ -79,7 +77,7 @@ impl LoraOp {
     fn down(&self, xd: &[f32], a: &[f32]) -> Vec<f32> {
         let (rows, in_dim, _, rank) = self.shape;
         let mut d = vec![0f32; rows * rank];
-        gemm(
+        gemm_par(
             (rows, rank, in_dim),
             &mut d,
             false,
@@ -149,7 +147,7 @@ impl CustomOp3 for LoraOp {
                             let down = self.down(&xd, a);
                             // dB = γ · dyᵀ down  (out, r)
                             let mut db = vec![0f32; out_dim * rank];
-                            gemm(
+                            gemm_par(
                                 (out_dim, rank, rows),
                                 &mut db,
                                 false,
@@ -159,7 +157,7 @@ impl CustomOp3 for LoraOp {
                             );
                             // u = γ · dy B  (rows, r)
                             let mut u = vec![0f32; rows * rank];
-                            gemm(
+                            gemm_par(
                                 (rows, rank, out_dim),
                                 &mut u,
                                 false,
@@ -169,7 +167,7 @@ impl CustomOp3 for LoraOp {
                             );
                             // dA = uᵀ drop(x)  (r, in)
                             let mut da = vec![0f32; rank * in_dim];
-                            gemm(
+                            gemm_par(
                                 (rank, in_dim, rows),
                                 &mut da,
                                 false,
