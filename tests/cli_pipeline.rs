@@ -138,6 +138,18 @@ fn unknown_stage_lists_the_stages() {
 }
 
 #[test]
+fn unknown_matmul_precision_lists_the_choices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = stories_yaml("  - finetune:\n      text: [x.txt]\n      matmul_precision: fp16\n");
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &out,
+        &run_dir,
+        &["unknown variant `fp16`", "`f32`", "`bf16`", "line 8"],
+    );
+}
+
+#[test]
 fn bad_eval_settings_are_refused_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
     let yaml = stories_yaml("  - eval:\n      label: before\n      tasks: [boolq, sciq]\n");

@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use rora::adapters::{self, dropout::DropoutKey, AttachSpec};
+use rora::model::frozen_matmul::MatmulPrecision;
+use rora::model::fused::amx;
 use rora::train::{self, data, FinetuneSpec};
 use std::path::Path;
 use std::process::Command;
@@ -13,10 +15,8 @@ fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
     serde_yaml_ng::from_str(text).unwrap()
 }
 
-#[test]
-fn rora_learns_a_synthetic_copy_task() {
-    // The issue asks for a 50% lower loss within 100 steps; 40 steps of batch 4 suffice.
-    // 64 examples of "copy the word after X" in LLM-Adapters' format.
+/// 64 examples of "copy the word after X" in LLM-Adapters' format, written to `dir`.
+fn copy_task_data(dir: &Path) -> std::path::PathBuf {
     let words = ["cat", "dog", "ball", "tree", "sun", "car", "fish", "bird"];
     let items: Vec<serde_json::Value> = (0..64)
         .map(|i| {
@@ -30,10 +30,20 @@ fn rora_learns_a_synthetic_copy_task() {
             })
         })
         .collect();
-    let tmp = tempfile::tempdir().unwrap();
-    let data_path = tmp.path().join("copy.json");
+    let data_path = dir.join("copy.json");
     std::fs::write(&data_path, serde_json::to_string(&items).unwrap()).unwrap();
+    data_path
+}
 
+/// Fine-tunes stories260K with RoRA r8 on the copy task for `steps` steps (batch 4, lr
+/// 3e-3; `extra`: more finetune keys), in `dir/run`. Returns the report, the logged
+/// steps, and the model's matmul precision afterwards.
+fn train_copy_task(
+    dir: &Path,
+    steps: usize,
+    extra: &str,
+) -> (train::FinetuneReport, Vec<train::LogLine>, MatmulPrecision) {
+    let data_path = copy_task_data(dir);
     let loaded = load_stories();
     let mut model = loaded.model;
     let dropout = DropoutKey::default();
@@ -41,10 +51,10 @@ fn rora_learns_a_synthetic_copy_task() {
     adapters::attach(&mut model, &attach, 0, &dropout).unwrap();
     let spec: FinetuneSpec = yaml(&format!(
         "data: [{}]\ncutoff_len: 160\nbatch_size: 4\nmicro_batch_size: 4\nlearning_rate: 3.0e-3\n\
-         warmup_steps: 3\nmax_steps: 40\n",
+         warmup_steps: 3\nmax_steps: {steps}\n{extra}",
         data_path.display()
     ));
-    let run_dir = tmp.path().join("run");
+    let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
     let report = train::finetune(
         &mut model,
@@ -61,6 +71,14 @@ fn rora_learns_a_synthetic_copy_task() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    (report, log, model.matmul_precision())
+}
+
+#[test]
+fn rora_learns_a_synthetic_copy_task() {
+    // The issue asks for a 50% lower loss within 100 steps; 40 steps of batch 4 suffice.
+    let tmp = tempfile::tempdir().unwrap();
+    let (report, log, _) = train_copy_task(tmp.path(), 40, "");
     assert_eq!(log.len(), 40);
     let first = log[0].loss;
     let last5 = log[35..].iter().map(|l| l.loss).sum::<f64>() / 5.0;
@@ -69,7 +87,7 @@ fn rora_learns_a_synthetic_copy_task() {
         report.tokens_per_s
     );
     assert!(last5 < 0.5 * first, "loss {first} → {last5}");
-    assert!(run_dir.join("loss-curve.svg").is_file());
+    assert!(tmp.path().join("run/loss-curve.svg").is_file());
 }
 
 #[test]
@@ -96,6 +114,43 @@ fn instruction_examples_follow_llm_adapters_tokenization() {
     let cut = data::instruction_example(&tok, &item, 20, true).unwrap();
     assert_eq!(cut.ids.len(), 20);
     assert_eq!(cut.ids[..], full.ids[..20]);
+}
+
+/// bf16 products (where the CPU has AMX) follow the f32 run's loss curve closely, are
+/// reported, and are dropped after training (evaluation and export use f32 weights).
+#[test]
+fn bf16_products_train_like_f32_and_end_with_training() {
+    let (dir32, dir16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (report32, log32, after32) = train_copy_task(dir32.path(), 12, "");
+    let (report16, log16, after16) = train_copy_task(dir16.path(), 12, "matmul_precision: bf16\n");
+    assert_eq!(report32.matmul_precision, MatmulPrecision::F32);
+    assert_eq!(
+        (after32, after16),
+        (MatmulPrecision::F32, MatmulPrecision::F32)
+    );
+    if !amx::available() {
+        // Without AMX, bf16 falls back to f32 products, bit for bit.
+        assert_eq!(report16.matmul_precision, MatmulPrecision::F32);
+        assert_eq!(report16.last_loss, report32.last_loss);
+        return;
+    }
+    assert_eq!(report16.matmul_precision, MatmulPrecision::Bf16);
+    let mut worst = 0f64;
+    for (a, b) in log32.iter().zip(&log16) {
+        worst = worst.max((a.loss - b.loss).abs() / a.loss);
+    }
+    println!("bf16 vs f32 over 12 steps: largest relative loss difference {worst:.2e}");
+    // bf16 inputs carry 8 significant bits (relative rounding ≤ 2^-9 ≈ 2e-3 per operand);
+    // summed over a product and fed back through 12 updates, the curves stay within a
+    // few 1e-3. A broken kernel would be off by orders of magnitude more.
+    assert!(
+        worst < 1e-2,
+        "bf16 loss curve drifts from f32 by {worst:.2e}"
+    );
+    assert!(
+        worst > 0.0,
+        "bf16 products gave bit-identical losses: were they used?"
+    );
 }
 
 fn resume_pipeline(dir: &Path) -> std::path::PathBuf {
