@@ -17,7 +17,8 @@ use std::sync::Arc;
 /// The inputs of the frozen weights' products (forward and input gradient; adapters,
 /// attention and the optimizer stay f32). `bf16` rounds both operands to bf16 and sums
 /// in f32, as PyTorch does under `torch.set_float32_matmul_precision("medium")` or bf16
-/// autocast; it runs on AMX, and where the CPU has none the products stay f32.
+/// autocast; it runs on AMX, and where the CPU has none (or the weights are not f32 on
+/// the CPU) the products stay as they were.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {

@@ -186,8 +186,8 @@ pub fn finetune(
     spec.validate()?;
     if !model.set_matmul_precision(spec.matmul_precision)? {
         progress::line(&format!(
-            "finetune: matmul_precision {} needs a CPU with AMX (Intel Sapphire Rapids or \
-             later); training with f32 products",
+            "finetune: matmul_precision {} needs f32 weights on a CPU with AMX (Intel \
+             Sapphire Rapids or later); the frozen products run in the weights' own dtype",
             spec.matmul_precision
         ));
         model.set_matmul_precision(MatmulPrecision::F32)?;

@@ -5,8 +5,7 @@
 //! right operand interleaved: "VNNI"), and each call rounds the left operand to bf16 on the
 //! way into the tiles. What the products compute is exactly the f32 product of the two
 //! operands rounded to bf16 (each bf16 × bf16 product is exact in f32), summed in another
-//! order: [`reference_product`] is that, through the f32 gemm, and the tests hold the
-//! kernel to it.
+//! order: the tests compute that through the f32 gemm and hold the kernel to it.
 //!
 //! There are no stable intrinsics for AMX in Rust yet, so the kernel is a few lines of
 //! inline assembly; it runs only where [`available`] says the CPU has AMX and the kernel
@@ -149,15 +148,6 @@ impl PackedRhs {
     /// The right operand of `x W` for a weight `w` (k × n, row-major).
     pub fn for_product(w: &[f32], k: usize, n: usize) -> Self {
         Self::pack(Mat::rows(w, n), k, n)
-    }
-
-    pub fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    /// Bytes held.
-    pub fn size_bytes(&self) -> usize {
-        self.panels.len() * std::mem::size_of::<Line>()
     }
 
     fn panel(&self, index: usize) -> &[Line] {
