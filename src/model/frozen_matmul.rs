@@ -171,3 +171,25 @@ impl CustomOp1 for FrozenMatmulT {
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bf16_precision_needs_f32_weights_and_f32_always_unpacks() {
+        let w = Tensor::ones((4, 3), DType::F32, &Device::Cpu).unwrap();
+        // bf16-stored weights stay as they are, whatever the CPU.
+        let mut half = FrozenWeight::new(w.to_dtype(DType::BF16).unwrap());
+        assert!(!half.set_precision(MatmulPrecision::Bf16).unwrap());
+        assert!(half.packed().is_none());
+        // f32 weights pack exactly where AMX is there, and f32 drops the copies again.
+        let mut full = FrozenWeight::new(w);
+        let packed = full.set_precision(MatmulPrecision::Bf16).unwrap();
+        assert_eq!(packed, fused::amx::available());
+        assert_eq!(full.packed().is_some(), packed);
+        assert!(full.set_precision(MatmulPrecision::F32).unwrap());
+        assert!(full.packed().is_none());
+    }
+}
