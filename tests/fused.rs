@@ -51,7 +51,7 @@ fn max_abs(t: &Tensor) -> f32 {
 /// difference over `inputs` relative to the largest gradient, for `(out · R).sum()` with a
 /// fixed random `R`.
 fn compare(fused: &Tensor, composite: &Tensor, inputs: &[&Var]) -> (f32, f32) {
-    let out_diff = max_abs_diff(fused, composite) / max_abs(composite);
+    let out_diff = relative(fused, composite);
     let r = randn(fused.dims(), 99);
     let g_fused = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let g_comp = (composite * &r)
@@ -64,7 +64,7 @@ fn compare(fused: &Tensor, composite: &Tensor, inputs: &[&Var]) -> (f32, f32) {
     for v in inputs {
         let a = g_fused.get(v).expect("fused kernel gives a gradient");
         let b = g_comp.get(v).expect("composite gives a gradient");
-        worst = worst.max(max_abs_diff(a, b) / max_abs(b));
+        worst = worst.max(relative(a, b));
     }
     (out_diff, worst)
 }
@@ -226,6 +226,23 @@ fn kernels_fall_back_for_other_dtypes() {
     assert_eq!(max_abs_diff(&y, &want), 0.0);
 }
 
+/// `w` packed for bf16 products; `None` (and a note) on a CPU without AMX, where the
+/// weight must stay f32 and unpacked.
+fn packed_bf16(w: &Tensor) -> Option<FrozenWeight> {
+    let mut weight = FrozenWeight::new(w.clone());
+    if weight.set_precision(MatmulPrecision::Bf16).unwrap() {
+        return Some(weight);
+    }
+    assert!(weight.packed().is_none());
+    eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+    None
+}
+
+/// `max |a − b| / max |b|`.
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs_diff(a, b) / max_abs(b)
+}
+
 /// `t` rounded to bf16 (candle's conversion: round to nearest even), as f32.
 fn bf16_rounded(t: &Tensor) -> Tensor {
     t.to_dtype(DType::BF16)
@@ -244,17 +261,12 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
     let (in_dim, out_dim, rank) = (40, 56, 4);
     let x = var(&[2, 9, in_dim], 21);
     let w = (randn(&[out_dim, in_dim], 22) * 0.2).unwrap();
-    let mut weight = FrozenWeight::new(w.clone());
-    if !weight.set_precision(MatmulPrecision::Bf16).unwrap() {
-        // Without AMX the weight stays f32 and unpacked.
-        assert!(weight.packed().is_none());
-        eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+    let Some(weight) = packed_bf16(&w) else {
         return;
-    }
+    };
     let probe = randn(&[2, 9, out_dim], 23);
     let (x_r, w_r, probe_r) = (bf16_rounded(&x), bf16_rounded(&w), bf16_rounded(&probe));
     let want_dx = probe_r.broadcast_matmul(&w_r).unwrap();
-    let relative = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / max_abs(b);
 
     // The frozen projection alone.
     let y = frozen_matmul_t(&x, &weight).unwrap();
@@ -322,12 +334,9 @@ fn output_head_with_bf16_products_matches_rounded_operands() {
     let (rows, hidden_dim, vocab) = (150, 48, 300);
     let hidden = var(&[rows, hidden_dim], 31);
     let w = (randn(&[vocab, hidden_dim], 32) * 0.5).unwrap();
-    let mut weight = FrozenWeight::new(w.clone());
-    if !weight.set_precision(MatmulPrecision::Bf16).unwrap() {
-        assert!(weight.packed().is_none());
-        eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+    let Some(weight) = packed_bf16(&w) else {
         return;
-    }
+    };
     let ids: Vec<u32> = (0..rows as u32)
         .map(|i| (i * 53 + 11) % vocab as u32)
         .collect();
@@ -360,7 +369,6 @@ fn output_head_with_bf16_products_matches_rounded_operands() {
         .broadcast_mul(&probe.unsqueeze(1).unwrap())
         .unwrap();
     let got_grad = grads.get(&hidden).unwrap();
-    let relative = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / max_abs(b);
     assert_close(
         "output head, bf16",
         (relative(&out, &want), relative(got_grad, &want_grad)),

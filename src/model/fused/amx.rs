@@ -400,27 +400,26 @@ mod tests {
             let x = values(m * k, 1.0);
             let w = values(n * k, 2.0); // (n × k): a weight
             let packed = PackedRhs::for_product_t(&w, n, k);
-            let got = product(&x, m, &packed);
-            let want = reference_product(&x, m, Mat::transposed(&w, k), k, n);
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5 * scale,
-                    "{m}×{n}×{k} [{i}]: {g} vs {w}"
-                );
-            }
+            assert_close(
+                &product(&x, m, &packed),
+                &reference_product(&x, m, Mat::transposed(&w, k), k, n),
+                &format!("{m}×{n}×{k}"),
+            );
             // The other orientation: x (m × n) · w (n × k).
             let x2 = values(m * n, 3.0);
             let packed = PackedRhs::for_product(&w, n, k);
-            let got = product(&x2, m, &packed);
-            let want = reference_product(&x2, m, Mat::rows(&w, k), n, k);
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5 * scale,
-                    "{m}×{k}×{n} (W) [{i}]: {g} vs {w}"
-                );
-            }
+            assert_close(
+                &product(&x2, m, &packed),
+                &reference_product(&x2, m, Mat::rows(&w, k), n, k),
+                &format!("{m}×{k}×{n} (W)"),
+            );
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], label: &str) {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "{label} [{i}]: {g} vs {w}");
         }
     }
 }
