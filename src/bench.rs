@@ -9,8 +9,9 @@
 //! `--shape` picks the model's shape for both `train` and `eval` (see [`BenchShape`]): the
 //! small reference shape, or SmolLM2-135M's.
 
-use crate::adapters::{self, dropout::DropoutKey, AttachSpec, Method, MODULES};
-use crate::model::frozen_matmul::MatmulPrecision;
+use crate::adapters::{self, AttachSpec, Method, MODULES};
+use crate::nn::Mode;
+use crate::nn::frozen::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, LlamaConfig, Weights};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -554,7 +555,6 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         .map(|(_, _, l)| l.weight().elem_count())
         .sum::<usize>()
         + spec.vocab * spec.hidden) as u64;
-    let dropout = DropoutKey::default();
     let attach = AttachSpec {
         from: None,
         method: Some(Method::Lora),
@@ -566,7 +566,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         rank_pattern: BTreeMap::new(),
         alpha_pattern: BTreeMap::new(),
     };
-    let attached = adapters::attach(&mut model, &attach, spec.seed, &dropout)?;
+    let attached = adapters::attach(&mut model, &attach, spec.seed)?;
     if !model.set_matmul_precision(spec.matmul_precision)? {
         bail!(
             "bench train: --matmul-precision {} needs a CPU with AMX (Intel Sapphire Rapids or \
@@ -595,16 +595,15 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     for step in 0..spec.warmup + spec.steps {
         let t0 = Instant::now();
-        dropout.set_train(spec.seed ^ ((step as u64) << 16));
+        let mode = Mode::train(spec.seed ^ ((step as u64) << 16));
         let hidden = model
-            .forward_hidden(&ids, Some(&mask), None)?
+            .forward_hidden(&ids, Some(&mask), None, mode)?
             .narrow(1, 0, t - 1)?;
         let (loss, _) = masked_mean_nll_from_hidden(&model, &hidden, &targets, &target_mask)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         let t_forward = t0.elapsed().as_secs_f64();
         let g = loss.backward()?;
         let t_backward = t0.elapsed().as_secs_f64();
-        dropout.set_eval();
         let grads: Vec<Tensor> = vars
             .iter()
             .map(|(_, v)| {

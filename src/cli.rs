@@ -333,9 +333,8 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let source = ModelSource::parse(&a.model)?;
     let mut loaded = model::load(&source, candle_core::DType::F32, &Device::Cpu)?;
-    let dropout = crate::adapters::dropout::DropoutKey::default();
     let (attach, _) =
-        crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter, &dropout)?;
+        crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter)?;
     let spec = crate::export::ExportSpec {
         merged: Some(a.out.clone()),
         adapter: None,
@@ -375,8 +374,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let source = ModelSource::parse(&a.model)?;
     let mut loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
     if let Some(dir) = &a.adapter {
-        let dropout = crate::adapters::dropout::DropoutKey::default();
-        crate::adapters::peft::attach_from_folder(&mut loaded.model, dir, &dropout)?;
+        crate::adapters::peft::attach_from_folder(&mut loaded.model, dir)?;
     }
     // Without --out the report files go to a scratch folder that is removed afterwards.
     let out = a

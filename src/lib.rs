@@ -12,6 +12,7 @@ pub mod export;
 pub mod fsx;
 pub mod inspect;
 pub mod model;
+pub mod nn;
 pub mod pipeline;
 pub mod progress;
 pub mod prompt;

@@ -5,8 +5,10 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
-use rora::adapters::{self, dropout::DropoutKey, AttachSpec, Method};
-use rora::model::frozen_matmul::FrozenWeight;
+use rora::nn::Mode;
+use rora::adapters::{self, AttachSpec, Method};
+use rora::nn::dropout;
+use rora::nn::frozen::FrozenWeight;
 use rora::model::loss::masked_mean_nll;
 use rora::model::{safetensors_dir, Llama};
 
@@ -39,7 +41,7 @@ fn scaling_is_alpha_over_r_for_lora_and_alpha_over_sqrt_r_for_rora() {
         // And the attached adapters carry exactly that γ.
         for method in ALL {
             let mut m = load_stories().model;
-            adapters::attach(&mut m, &spec(method, rank, 16.0), 0, &DropoutKey::default()).unwrap();
+            adapters::attach(&mut m, &spec(method, rank, 16.0), 0).unwrap();
             let (_, _, lin) = m.projections().next().unwrap();
             assert_eq!(
                 lin.adapter().unwrap().lora().scale,
@@ -63,7 +65,7 @@ fn fresh_adapters_leave_logits_unchanged() {
         let mut m = base.model.clone();
         let mut s = spec(method, 8, 16.0);
         s.targets = adapters::MODULES.map(String::from).to_vec();
-        let report = adapters::attach(&mut m, &s, 3, &DropoutKey::default()).unwrap();
+        let report = adapters::attach(&mut m, &s, 3).unwrap();
         assert_eq!(report.adapted_modules, 35);
         let after = m.forward(&ids, None, None).unwrap();
         let diff = max_abs_diff(&before, &after);
@@ -77,9 +79,7 @@ fn attach_reports_trainable_parameters_like_peft() {
     let r = adapters::attach(
         &mut m,
         &spec(Method::Dora, 4, 8.0),
-        0,
-        &DropoutKey::default(),
-    )
+        0)
     .unwrap();
     // Per layer with default targets q,k,v,up,down (hidden 64, kv 32, MLP 172), rank 4:
     // A+B = 4·(64+64) + 4·(64+32)·2 + 4·(64+172)·2 = 512 + 768 + 1888 = 3168,
@@ -112,7 +112,7 @@ fn adapted_tiny(method: Method) -> Llama {
     let cfg = safetensors_dir::read_config(tmp.path()).unwrap();
     let w = safetensors_dir::read_weights(tmp.path(), DType::F32, &Device::Cpu).unwrap();
     let mut model = Llama::from_weights(cfg, &w).unwrap();
-    adapters::attach(&mut model, &spec(method, 4, 8.0), 1, &DropoutKey::default()).unwrap();
+    adapters::attach(&mut model, &spec(method, 4, 8.0), 1).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     for (name, var) in adapters::trainable_vars(&model) {
         if name.ends_with("lora_B.weight") {
@@ -216,7 +216,7 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
         .projections()
         .find(|(l, p, _)| *l == 1 && *p == "mlp.up_proj")
         .unwrap();
-    let rora::adapters::Adapter::Dora(dora) = lin.adapter().unwrap() else {
+    let rora::nn::Adapter::Dora(dora) = lin.adapter().unwrap() else {
         panic!("not DoRA")
     };
     let w = lin.weight();
@@ -232,7 +232,7 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
     let probe = rand_t((5, w.dim(0).unwrap()));
     let norm0 = dora.weight_norm(w).unwrap();
     let objective = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap();
-    let grads = objective(dora.forward(&x, &frozen).unwrap())
+    let grads = objective(dora.forward(&x, &frozen, Mode::Eval).unwrap())
         .backward()
         .unwrap();
     for (name, var) in [
@@ -242,7 +242,7 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
     ] {
         let g = grads.get(var.as_tensor()).unwrap();
         let err = fd_error(var, g, || {
-            objective(dora.forward_with_norm(&x, &frozen, &norm0).unwrap())
+            objective(dora.forward_with_norm(&x, &frozen, &norm0, Mode::Eval).unwrap())
                 .to_scalar::<f32>()
                 .unwrap() as f64
         });
@@ -267,13 +267,13 @@ fn merged_weights_reproduce_the_adapted_model() {
 
 #[test]
 fn dropout_is_reproducible_per_key_and_off_in_eval() {
-    let key = DropoutKey::default();
     let x = Tensor::ones((4, 64), DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(max_abs_diff(&key.apply(&x, 0.5, 3).unwrap(), &x), 0.0);
-    key.set_train(17);
-    let a = key.apply(&x, 0.5, 3).unwrap();
-    let b = key.apply(&x, 0.5, 3).unwrap();
-    let c = key.apply(&x, 0.5, 4).unwrap();
+    let eval = dropout::apply(&x, Mode::Eval, 0.5, 3).unwrap();
+    assert_eq!(max_abs_diff(&eval, &x), 0.0);
+    let train = Mode::train(17);
+    let a = dropout::apply(&x, train, 0.5, 3).unwrap();
+    let b = dropout::apply(&x, train, 0.5, 3).unwrap();
+    let c = dropout::apply(&x, train, 0.5, 4).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     assert!(max_abs_diff(&a, &c) > 0.0);
     let vals: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
@@ -297,7 +297,7 @@ fn output_head_at_targets_only_matches_the_full_head() {
         masked_mean_nll(&logits.narrow(1, 0, n).unwrap(), &targets, &mask).unwrap()
     };
     let sparse = {
-        let hidden = model.forward_hidden(&ids, None, None).unwrap();
+        let hidden = model.forward_hidden(&ids, None, None, Mode::Eval).unwrap();
         rora::model::loss::masked_mean_nll_from_hidden(
             &model,
             &hidden.narrow(1, 0, n).unwrap(),
@@ -332,7 +332,7 @@ fn output_head_at_targets_only_matches_the_full_head() {
     }
     // No target at all: a zero loss that still backpropagates.
     let none = Tensor::zeros((1, n), DType::F32, &Device::Cpu).unwrap();
-    let hidden = model.forward_hidden(&ids, None, None).unwrap();
+    let hidden = model.forward_hidden(&ids, None, None, Mode::Eval).unwrap();
     let (zero, count) = rora::model::loss::masked_mean_nll_from_hidden(
         &model,
         &hidden.narrow(1, 0, n).unwrap(),

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use rora::adapters::{self, dropout::DropoutKey, peft, AttachSpec, Method};
+use rora::adapters::{self, peft, AttachSpec, Method};
 use rora::export::{self, ExportSpec};
 use rora::model::{self, LoadedModel, ModelSource};
 use rora::pipeline::spec::DtypeName;
@@ -24,7 +24,7 @@ fn adapted_stories(method: Method, targets: &[&str]) -> (LoadedModel, AttachSpec
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
     };
-    adapters::attach(&mut loaded.model, &spec, 1, &DropoutKey::default()).unwrap();
+    adapters::attach(&mut loaded.model, &spec, 1).unwrap();
     randomize_adapters(&loaded.model, 2);
     (loaded, spec)
 }
@@ -136,7 +136,7 @@ fn peft_adapter_round_trips_to_identical_logits() {
         .unwrap();
         let mut fresh = load_stories();
         let (read_spec, _) =
-            peft::attach_from_folder(&mut fresh.model, &dir, &DropoutKey::default()).unwrap();
+            peft::attach_from_folder(&mut fresh.model, &dir).unwrap();
         assert_eq!(read_spec.method, Some(method));
         let ids = prompt_ids(&loaded);
         let a = loaded.model.forward(&ids, None, None).unwrap();
@@ -214,7 +214,7 @@ fn adapter_files_look_like_what_peft_writes() {
     .unwrap();
     let mut fresh = load_stories();
     let (spec, report) =
-        peft::attach_from_folder(&mut fresh.model, &import, &DropoutKey::default()).unwrap();
+        peft::attach_from_folder(&mut fresh.model, &import).unwrap();
     assert_eq!(
         (spec.method, spec.rank, report.adapted_modules),
         (Some(Method::Rora), 8, 10)
@@ -319,7 +319,7 @@ fn a_killed_merge_never_leaves_a_half_folder() {
     )
     .unwrap();
     let (_, spec) = adapted_stories(Method::Lora, &["q_proj"]);
-    adapters::attach(&mut loaded.model, &spec, 0, &DropoutKey::default()).unwrap();
+    adapters::attach(&mut loaded.model, &spec, 0).unwrap();
     let adapter = tmp.path().join("adapter");
     peft::write_adapter(&loaded.model, &spec, None, &adapter).unwrap();
     for delay_ms in [5u64, 20, 60, 150, 400] {

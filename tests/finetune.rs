@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
-use rora::adapters::{self, dropout::DropoutKey, AttachSpec};
-use rora::model::frozen_matmul::MatmulPrecision;
-use rora::model::fused::amx;
+use rora::adapters::{self, AttachSpec};
+use rora::nn::frozen::MatmulPrecision;
+use rora::nn::fused::amx;
 use rora::train::{self, data, FinetuneSpec};
 use std::path::Path;
 use std::process::Command;
@@ -46,9 +46,8 @@ fn train_copy_task(
     let data_path = copy_task_data(dir);
     let loaded = load_stories();
     let mut model = loaded.model;
-    let dropout = DropoutKey::default();
     let attach: AttachSpec = yaml("method: rora\nrank: 8\nalpha: 16\ndropout: 0.0");
-    adapters::attach(&mut model, &attach, 0, &dropout).unwrap();
+    adapters::attach(&mut model, &attach, 0).unwrap();
     let spec: FinetuneSpec = yaml(&format!(
         "data: [{}]\ncutoff_len: 160\nbatch_size: 4\nmicro_batch_size: 4\nlearning_rate: 3.0e-3\n\
          warmup_steps: 3\nmax_steps: {steps}\n{extra}",
@@ -62,7 +61,6 @@ fn train_copy_task(
         &spec,
         0,
         &run_dir,
-        &dropout,
         false,
     )
     .unwrap();

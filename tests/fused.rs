@@ -11,12 +11,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use rora::adapters::dropout::DropoutKey;
-use rora::adapters::lora::LoraAdapter;
+use rora::nn::{LoraAdapter, Mode};
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
-use rora::model::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use rora::model::fused::cross_entropy::head_target_log_probs;
-use rora::model::fused::dropout::{dropout, DropoutMask};
+use rora::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use rora::nn::fused::cross_entropy::head_target_log_probs;
+use rora::nn::fused::dropout::{dropout, DropoutMask};
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};
 use rora::model::norm::RmsNorm;
@@ -162,18 +161,16 @@ fn lora_linear_matches_composite_with_and_without_dropout() {
         let (in_dim, out_dim, rank) = (24, 40, 4);
         let x = var(&[3, 7, in_dim], 11);
         let weight = FrozenWeight::new((randn(&[out_dim, in_dim], 12) * 0.2).unwrap());
-        let key = DropoutKey::default();
-        key.set_train(77);
+        let mode = Mode::train(77);
         let adapter = LoraAdapter {
             a: var(&[rank, in_dim], 13),
             b: var(&[out_dim, rank], 14),
             scale: 2.5,
             dropout,
-            dropout_key: key,
             id: 3,
         };
-        let fused = adapter.forward(&x, &weight).unwrap();
-        let composite = adapter.forward_composite(&x, &weight).unwrap();
+        let fused = adapter.forward(&x, &weight, mode).unwrap();
+        let composite = adapter.forward_composite(&x, &weight, mode).unwrap();
         let name = format!("lora dropout {dropout}");
         assert_close(
             &name,
@@ -289,12 +286,11 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
         b: var(&[out_dim, rank], 25),
         scale: 2.0,
         dropout: 0.0,
-        dropout_key: DropoutKey::default(),
         id: 1,
     };
-    let y = adapter.forward(&x, &weight).unwrap();
+    let y = adapter.forward(&x, &weight, Mode::Eval).unwrap();
     let f32_weight = FrozenWeight::new(w.clone());
-    let composite = adapter.forward_composite(&x, &f32_weight).unwrap();
+    let composite = adapter.forward_composite(&x, &f32_weight, Mode::Eval).unwrap();
     let base_f32 = frozen_matmul_t(&x.as_tensor().detach(), &f32_weight).unwrap();
     let want_y = ((&composite - &base_f32).unwrap() + &want_y).unwrap();
     let grads = (&y * &probe)

@@ -2,19 +2,14 @@
 //! DoRA, with PEFT's initialisation, naming and scaling so that adapters move between
 //! rora and PEFT unchanged.
 
-pub mod dora;
-pub mod dropout;
-pub mod lora;
 pub mod merge;
 pub mod peft;
 
-use crate::model::frozen_matmul::FrozenWeight;
 use crate::model::Llama;
+use crate::nn::dora::row_norms;
+use crate::nn::{Adapter, DoraAdapter, LoraAdapter};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use dora::{row_norms, DoraAdapter};
-use dropout::DropoutKey;
-use lora::LoraAdapter;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -189,39 +184,6 @@ impl AttachSpec {
     }
 }
 
-/// The adapter held by one projection.
-#[derive(Clone, Debug)]
-pub enum Adapter {
-    Lora(LoraAdapter),
-    Dora(DoraAdapter),
-}
-
-impl Adapter {
-    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
-        match self {
-            Adapter::Lora(a) => a.forward(x, weight),
-            Adapter::Dora(a) => a.forward(x, weight),
-        }
-    }
-
-    pub fn lora(&self) -> &LoraAdapter {
-        match self {
-            Adapter::Lora(a) => a,
-            Adapter::Dora(a) => &a.lora,
-        }
-    }
-
-    /// Trainable tensors with PEFT's suffixes.
-    pub fn vars(&self) -> Vec<(&'static str, &Var)> {
-        let l = self.lora();
-        let mut v = vec![("lora_A.weight", &l.a), ("lora_B.weight", &l.b)];
-        if let Adapter::Dora(d) = self {
-            v.push(("lora_magnitude_vector", &d.magnitude));
-        }
-        v
-    }
-}
-
 /// What `attach` did, for the log and the reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttachReport {
@@ -263,7 +225,6 @@ pub fn attach(
     model: &mut Llama,
     spec: &AttachSpec,
     seed: u64,
-    dropout_key: &DropoutKey,
 ) -> Result<AttachReport> {
     spec.validate(Some(model.num_layers()))?;
     let method = spec.method()?;
@@ -285,7 +246,6 @@ pub fn attach(
             b: Var::from_tensor(&Tensor::zeros((out_dim, rank), DType::F32, &device)?)?,
             scale: method.scaling(alpha, rank),
             dropout: spec.dropout,
-            dropout_key: dropout_key.clone(),
             id: (layer * MODULES.len() + MODULES.iter().position(|m| *m == module).unwrap_or(0))
                 as u64,
         };

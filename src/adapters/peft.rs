@@ -2,7 +2,7 @@
 //! `adapter_model.safetensors` with PEFT's key names, so `PeftModel.from_pretrained` loads
 //! what we train and we load what PEFT trains.
 
-use super::{attach, dropout::DropoutKey, trainable_vars, AttachReport, AttachSpec, Method};
+use super::{attach, trainable_vars, AttachReport, AttachSpec, Method};
 use crate::fsx;
 use crate::model::Llama;
 use anyhow::{bail, Context, Result};
@@ -202,10 +202,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<AttachSpec> {
 pub fn attach_from_folder(
     model: &mut Llama,
     dir: &Path,
-    dropout: &DropoutKey,
 ) -> Result<(AttachSpec, AttachReport)> {
     let spec = read_adapter_config(dir)?;
-    let report = attach(model, &spec, 0, dropout)?;
+    let report = attach(model, &spec, 0)?;
     let path = dir.join(WEIGHTS_FILE);
     let device = model.device().clone();
     let mut tensors = candle_core::safetensors::load(&path, &device)

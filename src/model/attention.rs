@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with a causal + padding mask and an optional KV cache.
 
-use super::fused;
-use super::linear::Linear;
+use crate::nn::fused;
+use crate::nn::{Linear, Mode};
 use super::rope::apply_rotary;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
@@ -31,15 +31,16 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
+        mode: Mode,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split_heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split_heads(self.q_proj.forward(x)?, h)?;
-        let k = split_heads(self.k_proj.forward(x)?, kvh)?;
-        let v = split_heads(self.v_proj.forward(x)?, kvh)?;
+        let q = split_heads(self.q_proj.forward(x, mode)?, h)?;
+        let k = split_heads(self.k_proj.forward(x, mode)?, kvh)?;
+        let v = split_heads(self.v_proj.forward(x, mode)?, kvh)?;
         let q = apply_rotary(&q, cos, sin)?;
         let mut k = apply_rotary(&k, cos, sin)?;
         let mut v = v;
@@ -52,7 +53,7 @@ impl Attention {
         }
         let out = scaled_dot_product(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, mode)
     }
 }
 

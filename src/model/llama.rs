@@ -3,8 +3,8 @@
 
 use super::attention::{Attention, LayerKv};
 use super::config::{LayerShape, LlamaConfig};
-use super::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use super::linear::Linear;
+use crate::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use crate::nn::{Linear, Mode};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
@@ -33,11 +33,12 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
+        mode: Mode,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv)?)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, mode)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        Ok((&x + self.mlp.forward(&h, mode)?)?)
     }
 }
 
@@ -164,7 +165,8 @@ impl Llama {
         Ok(flat.reshape((b, t, self.config.hidden_size))?)
     }
 
-    /// Logits for every position, (b, t, vocab), in the model's dtype.
+    /// Logits for every position, (b, t, vocab), in the model's dtype, in evaluation mode
+    /// (inference; training goes through [`Llama::forward_hidden`] with its mode).
     ///
     /// `attention_mask` is (b, T) with 1 for real tokens and 0 for padding, where T covers
     /// the cached positions and the new ones; `None` means no padding.
@@ -174,7 +176,7 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.lm_head(&self.forward_hidden(ids, attention_mask, cache)?)
+        self.lm_head(&self.forward_hidden(ids, attention_mask, cache, Mode::Eval)?)
     }
 
     /// Final hidden states (after the last norm), (b, t, hidden): `forward` without the
@@ -184,8 +186,9 @@ impl Llama {
         ids: &Tensor,
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
+        mode: Mode,
     ) -> Result<Tensor> {
-        self.forward_embeds(&self.embed(ids)?, attention_mask, cache)
+        self.forward_embeds(&self.embed(ids)?, attention_mask, cache, mode)
     }
 
     /// Final hidden states (after the last norm), (b, t, hidden), for input embeddings
@@ -195,6 +198,7 @@ impl Llama {
         embeds: &Tensor,
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        mode: Mode,
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
@@ -203,7 +207,7 @@ impl Llama {
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv)?;
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, mode)?;
         }
         self.norm.forward(&x)
     }

@@ -1,7 +1,8 @@
 //! Log-probabilities of target tokens: the one piece of arithmetic that training loss,
 //! perplexity and log-likelihood scoring share.
 
-use super::{fused, Llama};
+use super::Llama;
+use crate::nn::fused;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 

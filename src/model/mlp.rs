@@ -1,7 +1,7 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 
-use super::fused;
-use super::linear::Linear;
+use crate::nn::fused;
+use crate::nn::{Linear, Mode};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -14,10 +14,10 @@ pub struct Mlp {
 
 impl Mlp {
     /// `x`: (b, t, hidden) → (b, t, hidden).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&silu_mul(&gate, &up)?)
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?;
+        let up = self.up_proj.forward(x, mode)?;
+        self.down_proj.forward(&silu_mul(&gate, &up)?, mode)
     }
 }
 

@@ -3,11 +3,8 @@
 
 pub mod attention;
 pub mod config;
-pub mod frozen_matmul;
-pub mod fused;
 pub mod gguf;
 pub mod hub;
-pub mod linear;
 pub mod llama;
 pub mod loss;
 pub mod mlp;

@@ -2,7 +2,7 @@
 //! scale. f32 on the CPU runs our fused kernel; elsewhere a composite of differentiable
 //! ops (candle's own fused `ops::rms_norm` records no backward pass).
 
-use super::fused;
+use crate::nn::fused;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 

@@ -4,7 +4,7 @@
 //! of differentiable ops (candle's fused `rope` has no backward pass).
 
 use super::config::LlamaConfig;
-use super::fused;
+use crate::nn::fused;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 

@@ -2,7 +2,7 @@
 
 use super::run_dir::{now_rfc3339, RunDir};
 use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
-use crate::adapters::{self, dropout::DropoutKey, AttachSpec};
+use crate::adapters::{self, AttachSpec};
 use crate::eval::perplexity::{perplexity, read_scoring_text, PerplexityOptions};
 use crate::export::{self, ExportSpec};
 use crate::fsx;
@@ -21,8 +21,6 @@ pub struct RunContext {
     pub device: Device,
     pub dtype: DType,
     pub model: Option<LoadedModel>,
-    /// Shared by every adapter: the trainer switches dropout on and off through it.
-    pub dropout: DropoutKey,
     /// The settings of the attached adapters (resolved from a PEFT folder for `from`).
     pub attached: Option<AttachSpec>,
     /// The model's config before `prune` changed it: `inspect`'s default reference.
@@ -80,7 +78,6 @@ pub fn run_pipeline(file: &Path, overrides: &[String], options: RunOptions) -> R
         run,
         device,
         model: None,
-        dropout: DropoutKey::default(),
         attached: None,
         dense_config: None,
         eval_reports: Vec::new(),
@@ -267,13 +264,13 @@ fn run_ppl(spec: &PplSpec, ctx: &mut RunContext) -> Result<()> {
 }
 
 fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
-    let (seed, dropout) = (ctx.spec.seed, ctx.dropout.clone());
+    let seed = ctx.spec.seed;
     let loaded = ctx.model_mut("attach")?;
     let (resolved, report) = match &spec.from {
-        Some(dir) => adapters::peft::attach_from_folder(&mut loaded.model, dir, &dropout)?,
+        Some(dir) => adapters::peft::attach_from_folder(&mut loaded.model, dir)?,
         None => (
             spec.clone(),
-            adapters::attach(&mut loaded.model, spec, seed, &dropout)?,
+            adapters::attach(&mut loaded.model, spec, seed)?,
         ),
     };
     ctx.attached = Some(resolved);
@@ -294,7 +291,7 @@ fn run_attach(spec: &AttachSpec, ctx: &mut RunContext) -> Result<()> {
 
 fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
     let (seed, resume) = (ctx.spec.seed, ctx.options.resume);
-    let (run_dir, dropout) = (ctx.run.path().to_path_buf(), ctx.dropout.clone());
+    let run_dir = ctx.run.path().to_path_buf();
     let loaded = ctx.model_mut("finetune")?;
     let report = train::finetune(
         &mut loaded.model,
@@ -302,7 +299,6 @@ fn run_finetune(spec: &FinetuneSpec, ctx: &mut RunContext) -> Result<()> {
         spec,
         seed,
         &run_dir,
-        &dropout,
         resume,
     )?;
     progress::line(&format!(

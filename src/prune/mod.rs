@@ -4,7 +4,8 @@
 //! importance from calibration text: for an input column j of `o_proj` or `down_proj`,
 //! `‖X_j‖₂ · Σ_i |W_ij|`, summed over a head group's columns.
 
-use crate::model::linear::Linear;
+use crate::nn::Mode;
+use crate::nn::linear::Linear;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
 use anyhow::{bail, Result};
@@ -156,7 +157,7 @@ pub fn prune(model: &mut Llama, tok: &TextTokenizer, spec: &PruneSpec) -> Result
         let width = batch[0].len();
         let flat: Vec<u32> = batch.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (batch.len(), width), model.device())?;
-        model.forward_embeds(&model.embed(&ids)?, None, None)?;
+        model.forward_embeds(&model.embed(&ids)?, None, None, Mode::Eval)?;
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();

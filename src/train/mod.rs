@@ -7,8 +7,9 @@ pub mod data;
 pub mod optim;
 pub mod schedule;
 
-use crate::adapters::{dropout::DropoutKey, trainable_vars};
-use crate::model::frozen_matmul::MatmulPrecision;
+use crate::adapters::trainable_vars;
+use crate::nn::Mode;
+use crate::nn::frozen::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, TextTokenizer};
 use crate::report::plot::{line_chart, Series};
@@ -180,7 +181,6 @@ pub fn finetune(
     spec: &FinetuneSpec,
     seed: u64,
     run_dir: &Path,
-    dropout: &DropoutKey,
     resume: bool,
 ) -> Result<FinetuneReport> {
     spec.validate()?;
@@ -192,7 +192,7 @@ pub fn finetune(
         ));
         model.set_matmul_precision(MatmulPrecision::F32)?;
     }
-    let report = train_adapters(model, tok, spec, seed, run_dir, dropout, resume);
+    let report = train_adapters(model, tok, spec, seed, run_dir, resume);
     // Drops the packed bf16 copies: evaluation and export use the f32 weights.
     model.set_matmul_precision(MatmulPrecision::F32)?;
     report
@@ -204,7 +204,6 @@ fn train_adapters(
     spec: &FinetuneSpec,
     seed: u64,
     run_dir: &Path,
-    dropout: &DropoutKey,
     resume: bool,
 ) -> Result<FinetuneReport> {
     let device = model.device().clone();
@@ -295,8 +294,8 @@ fn train_adapters(
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss_sum, mut step_tokens) = (0f64, 0u64);
         for (m, micro) in batch.chunks(spec.micro_batch_size).enumerate() {
-            dropout.set_train(seed ^ ((step * accumulation + m) as u64) << 16);
-            let (loss, _, tokens) = next_token_loss(model, micro, &device)?;
+            let mode = Mode::train(seed ^ ((step * accumulation + m) as u64) << 16);
+            let (loss, _, tokens) = next_token_loss(model, micro, &device, mode)?;
             step_tokens += tokens;
             let loss = (loss / accumulation as f64)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -310,7 +309,6 @@ fn train_adapters(
                 }
             }
         }
-        dropout.set_eval();
         let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&vars)
@@ -501,11 +499,12 @@ fn next_token_loss(
     model: &Llama,
     batch: &[&Example],
     device: &Device,
+    mode: Mode,
 ) -> Result<(Tensor, usize, u64)> {
     let (ids, mask, targets, target_mask) = collate(batch, device)?;
     let width = ids.dim(1)?;
     let hidden = model
-        .forward_hidden(&ids, Some(&mask), None)?
+        .forward_hidden(&ids, Some(&mask), None, mode)?
         .narrow(1, 0, width - 1)?;
     let (loss, count) = masked_mean_nll_from_hidden(model, &hidden, &targets, &target_mask)?;
     let real_tokens = batch.iter().map(|e| e.ids.len() as u64).sum();
@@ -517,7 +516,7 @@ fn validation_loss(model: &Llama, val: &[Example], micro: usize, device: &Device
     let (mut sum, mut count) = (0f64, 0usize);
     for chunk in val.chunks(micro) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let (mean, n, _) = next_token_loss(model, &refs, device)?;
+        let (mean, n, _) = next_token_loss(model, &refs, device, Mode::Eval)?;
         sum += mean.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }

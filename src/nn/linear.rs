@@ -2,8 +2,9 @@
 //! one place where an adapter hooks in, so the forward pass never changes when one is
 //! attached.
 
-use super::frozen_matmul::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use crate::adapters::Adapter;
+use super::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use super::adapter::Adapter;
+use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use std::sync::{Arc, Mutex};
@@ -94,7 +95,7 @@ impl Linear {
     }
 
     /// `x`: (..., in) → (..., out).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if let Some(rec) = &self.recorder {
             rec.lock()
                 .map_err(|_| anyhow::anyhow!("input recorder poisoned"))?
@@ -102,7 +103,7 @@ impl Linear {
         }
         match &self.adapter {
             None => frozen_matmul_t(x, &self.weight),
-            Some(adapter) => adapter.forward(x, &self.weight),
+            Some(adapter) => adapter.forward(x, &self.weight, mode),
         }
     }
 }

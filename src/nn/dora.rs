@@ -4,9 +4,10 @@
 //! `x Wᵀ + (s − 1) ⊙ x_d Wᵀ + s ⊙ γ x_d Aᵀ Bᵀ`, with `s = m / ‖W + γBA‖` and
 //! `x_d = dropout(x)`; without dropout that is the formula above.
 
-use super::dropout::to_f32;
+use super::dropout::{self, to_f32};
+use super::frozen::{frozen_matmul_t, FrozenWeight};
 use super::lora::LoraAdapter;
-use crate::model::frozen_matmul::{frozen_matmul_t, FrozenWeight};
+use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{Tensor, Var, D};
 
@@ -34,8 +35,8 @@ impl DoraAdapter {
     }
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
-        self.forward_with_norm(x, weight, &self.weight_norm(weight.tensor())?)
+    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight, mode: Mode) -> Result<Tensor> {
+        self.forward_with_norm(x, weight, &self.weight_norm(weight.tensor())?, mode)
     }
 
     /// The forward pass for a given row norm (out,). The backward pass treats the norm as
@@ -46,10 +47,11 @@ impl DoraAdapter {
         x: &Tensor,
         weight: &FrozenWeight,
         norm: &Tensor,
+        mode: Mode,
     ) -> Result<Tensor> {
         let lora = &self.lora;
         let base = frozen_matmul_t(x, weight)?;
-        let dropped = lora.dropout_key.apply(x, lora.dropout, lora.id)?;
+        let dropped = dropout::apply(x, mode, lora.dropout, lora.id)?;
         let scale = (self.magnitude.as_tensor() / norm)?;
         // With dropout off, `dropped` is `x` and the base product is reused.
         let dropped_base = if dropped.id() == x.id() {

@@ -4,7 +4,7 @@
 
 use super::math::{exp, max, sum_map};
 use super::{cpu_f32, frozen_product, frozen_product_t, with_f32};
-use crate::model::frozen_matmul::FrozenWeight;
+use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;

@@ -10,7 +10,7 @@
 
 use super::dropout::DropoutMask;
 use super::{cpu_f32, frozen_product, frozen_product_t, gemm_par, gemm_par_new, with_f32, Mat};
-use crate::model::frozen_matmul::FrozenWeight;
+use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
 

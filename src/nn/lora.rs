@@ -1,10 +1,11 @@
 //! LoRA / RoRA: `y = x Wᵀ + γ · dropout(x) Aᵀ Bᵀ`, with `γ = alpha / r` (LoRA) or
 //! `alpha / sqrt(r)` (RoRA, PEFT's `use_rslora`).
 
-use super::dropout::{to_f32, DropoutKey};
-use crate::model::frozen_matmul::{frozen_matmul_t, FrozenWeight};
-use crate::model::fused;
-use crate::model::linear::matmul_t;
+use super::dropout::{self, to_f32};
+use super::frozen::{frozen_matmul_t, FrozenWeight};
+use super::fused;
+use super::linear::matmul_t;
+use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 
@@ -16,7 +17,6 @@ pub struct LoraAdapter {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
-    pub dropout_key: DropoutKey,
     /// Distinguishes this adapter's dropout masks from the others'.
     pub id: u64,
 }
@@ -29,22 +29,27 @@ impl LoraAdapter {
     }
 
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, weight: &FrozenWeight, mode: Mode) -> Result<Tensor> {
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
         if [x, weight.tensor(), a, b]
             .into_iter()
             .all(fused::applies_to)
         {
-            let mask = self.dropout_key.mask(self.dropout, self.id);
+            let mask = dropout::mask(mode, self.dropout, self.id);
             return Ok(fused::lora::lora_linear(x, weight, a, b, self.scale, mask)?);
         }
-        self.forward_composite(x, weight)
+        self.forward_composite(x, weight, mode)
     }
 
     /// The same from candle's differentiable ops: any dtype and device.
-    pub fn forward_composite(&self, x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    pub fn forward_composite(
+        &self,
+        x: &Tensor,
+        weight: &FrozenWeight,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let base = frozen_matmul_t(x, weight)?;
-        let dropped = self.dropout_key.apply(x, self.dropout, self.id)?;
+        let dropped = dropout::apply(x, mode, self.dropout, self.id)?;
         let delta = self.delta(&dropped)?;
         Ok((base + delta.to_dtype(x.dtype())?)?)
     }
