@@ -10,10 +10,10 @@
 //! small reference shape, or SmolLM2-135M's.
 
 use crate::adapters::{self, AttachSpec, Method, MODULES};
-use crate::nn::Mode;
-use crate::nn::frozen::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, LlamaConfig, Weights};
+use crate::nn::frozen::MatmulPrecision;
+use crate::nn::Mode;
 use crate::train::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};

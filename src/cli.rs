@@ -333,8 +333,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let source = ModelSource::parse(&a.model)?;
     let mut loaded = model::load(&source, candle_core::DType::F32, &Device::Cpu)?;
-    let (attach, _) =
-        crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter)?;
+    let (attach, _) = crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter)?;
     let spec = crate::export::ExportSpec {
         merged: Some(a.out.clone()),
         adapter: None,

@@ -5,12 +5,12 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::{Rng, SeedableRng};
-use rora::nn::Mode;
 use rora::adapters::{self, AttachSpec, Method};
-use rora::nn::dropout;
-use rora::nn::frozen::FrozenWeight;
 use rora::model::loss::masked_mean_nll;
 use rora::model::{safetensors_dir, Llama};
+use rora::nn::dropout;
+use rora::nn::frozen::FrozenWeight;
+use rora::nn::Mode;
 
 fn spec(method: Method, rank: usize, alpha: f64) -> AttachSpec {
     serde_yaml_ng::from_str(&format!(
@@ -76,11 +76,7 @@ fn fresh_adapters_leave_logits_unchanged() {
 #[test]
 fn attach_reports_trainable_parameters_like_peft() {
     let mut m = load_stories().model;
-    let r = adapters::attach(
-        &mut m,
-        &spec(Method::Dora, 4, 8.0),
-        0)
-    .unwrap();
+    let r = adapters::attach(&mut m, &spec(Method::Dora, 4, 8.0), 0).unwrap();
     // Per layer with default targets q,k,v,up,down (hidden 64, kv 32, MLP 172), rank 4:
     // A+B = 4·(64+64) + 4·(64+32)·2 + 4·(64+172)·2 = 512 + 768 + 1888 = 3168,
     // magnitudes 64 + 32 + 32 + 172 + 64 = 364; 5 layers.
@@ -242,9 +238,12 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
     ] {
         let g = grads.get(var.as_tensor()).unwrap();
         let err = fd_error(var, g, || {
-            objective(dora.forward_with_norm(&x, &frozen, &norm0, Mode::Eval).unwrap())
-                .to_scalar::<f32>()
-                .unwrap() as f64
+            objective(
+                dora.forward_with_norm(&x, &frozen, &norm0, Mode::Eval)
+                    .unwrap(),
+            )
+            .to_scalar::<f32>()
+            .unwrap() as f64
         });
         println!("DoRA layer {name}: relative error {err:.2e}");
         assert!(err < 1e-2, "DoRA {name}: relative error {err}");

@@ -135,8 +135,7 @@ fn peft_adapter_round_trips_to_identical_logits() {
         )
         .unwrap();
         let mut fresh = load_stories();
-        let (read_spec, _) =
-            peft::attach_from_folder(&mut fresh.model, &dir).unwrap();
+        let (read_spec, _) = peft::attach_from_folder(&mut fresh.model, &dir).unwrap();
         assert_eq!(read_spec.method, Some(method));
         let ids = prompt_ids(&loaded);
         let a = loaded.model.forward(&ids, None, None).unwrap();
@@ -213,8 +212,7 @@ fn adapter_files_look_like_what_peft_writes() {
     )
     .unwrap();
     let mut fresh = load_stories();
-    let (spec, report) =
-        peft::attach_from_folder(&mut fresh.model, &import).unwrap();
+    let (spec, report) = peft::attach_from_folder(&mut fresh.model, &import).unwrap();
     assert_eq!(
         (spec.method, spec.rank, report.adapted_modules),
         (Some(Method::Rora), 8, 10)

@@ -55,15 +55,7 @@ fn train_copy_task(
     ));
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let report = train::finetune(
-        &mut model,
-        &loaded.tokenizer,
-        &spec,
-        0,
-        &run_dir,
-        false,
-    )
-    .unwrap();
+    let report = train::finetune(&mut model, &loaded.tokenizer, &spec, 0, &run_dir, false).unwrap();
     let log: Vec<train::LogLine> = std::fs::read_to_string(run_dir.join("train-log.jsonl"))
         .unwrap()
         .lines()

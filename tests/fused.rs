@@ -11,15 +11,15 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use rora::nn::{LoraAdapter, Mode};
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
-use rora::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use rora::nn::fused::cross_entropy::head_target_log_probs;
-use rora::nn::fused::dropout::{dropout, DropoutMask};
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};
 use rora::model::norm::RmsNorm;
 use rora::model::rope::{apply_rotary, apply_rotary_composite};
+use rora::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use rora::nn::fused::cross_entropy::head_target_log_probs;
+use rora::nn::fused::dropout::{dropout, DropoutMask};
+use rora::nn::{LoraAdapter, Mode};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // candle's CPU randn takes no seed; a fixed pattern keeps the tests deterministic.
@@ -290,7 +290,9 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
     };
     let y = adapter.forward(&x, &weight, Mode::Eval).unwrap();
     let f32_weight = FrozenWeight::new(w.clone());
-    let composite = adapter.forward_composite(&x, &f32_weight, Mode::Eval).unwrap();
+    let composite = adapter
+        .forward_composite(&x, &f32_weight, Mode::Eval)
+        .unwrap();
     let base_f32 = frozen_matmul_t(&x.as_tensor().detach(), &f32_weight).unwrap();
     let want_y = ((&composite - &base_f32).unwrap() + &want_y).unwrap();
     let grads = (&y * &probe)

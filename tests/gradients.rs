@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use rora::nn::Mode;
 use rora::model::loss::masked_mean_nll;
 use rora::model::{safetensors_dir, Llama, LlamaConfig, Weights};
+use rora::nn::Mode;
 use std::path::Path;
 
 /// Layer 0: 8 heads / 4 kv heads / MLP 172; layer 1: 4 heads / 2 kv heads / MLP 96.
@@ -37,7 +37,9 @@ const IDS: [u32; 10] = [1, 45, 300, 7, 99, 12, 401, 3, 250, 18];
 
 /// Next-token loss over IDS given input embeddings (1, t, hidden).
 fn loss_from_embeds(model: &Llama, embeds: &Tensor) -> Tensor {
-    let hidden = model.forward_embeds(embeds, None, None, Mode::Eval).unwrap();
+    let hidden = model
+        .forward_embeds(embeds, None, None, Mode::Eval)
+        .unwrap();
     let logits = model.lm_head(&hidden).unwrap();
     let t = IDS.len();
     let inputs = logits.narrow(1, 0, t - 1).unwrap();

@@ -1,8 +1,8 @@
 //! Folding adapters into the base weights (export): computed in f32, cast at the end.
 //! LoRA/RoRA: `W' = W + γBA`; DoRA: `W' = (m / ‖W + γBA‖_row) ⊙ (W + γBA)`.
 
-use crate::nn::Adapter;
 use crate::model::Llama;
+use crate::nn::Adapter;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 

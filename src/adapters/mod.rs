@@ -221,11 +221,7 @@ fn kaiming_uniform(
 /// Attaches fresh adapters (A random, B zero, DoRA magnitude = ‖W‖_row) to the targeted
 /// projections. Initialisation draws from a ChaCha stream seeded with `seed`, module by
 /// module in layer order, so a seed always gives the same adapters.
-pub fn attach(
-    model: &mut Llama,
-    spec: &AttachSpec,
-    seed: u64,
-) -> Result<AttachReport> {
+pub fn attach(model: &mut Llama, spec: &AttachSpec, seed: u64) -> Result<AttachReport> {
     spec.validate(Some(model.num_layers()))?;
     let method = spec.method()?;
     let model_params_before = model.num_params() as u64;

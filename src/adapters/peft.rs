@@ -199,10 +199,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AttachSpec> {
 
 /// Attaches the adapters of a PEFT folder: the settings from its config, the weights
 /// from its safetensors (every tensor must be used, every adapter filled).
-pub fn attach_from_folder(
-    model: &mut Llama,
-    dir: &Path,
-) -> Result<(AttachSpec, AttachReport)> {
+pub fn attach_from_folder(model: &mut Llama, dir: &Path) -> Result<(AttachSpec, AttachReport)> {
     let spec = read_adapter_config(dir)?;
     let report = attach(model, &spec, 0)?;
     let path = dir.join(WEIGHTS_FILE);

@@ -1,8 +1,8 @@
 //! Text generation with the KV cache: greedy or sampling for one prompt (`generate`), and
 //! batched greedy and beam search with left padding for the `generate` protocol.
 
-use crate::nn::Mode;
 use crate::model::{KvCache, Llama};
+use crate::nn::Mode;
 use anyhow::Result;
 use candle_core::{DType, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
@@ -29,7 +29,8 @@ pub fn generate(
     let mut out = Vec::new();
     for _ in 0..max_new {
         let ids = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
-        let hidden = model.forward_embeds(&model.embed(&ids)?, None, Some(&mut cache), Mode::Eval)?;
+        let hidden =
+            model.forward_embeds(&model.embed(&ids)?, None, Some(&mut cache), Mode::Eval)?;
         let last = hidden.i((0, input.len() - 1))?.unsqueeze(0)?;
         let logits = model.lm_head(&last)?.squeeze(0)?.to_dtype(DType::F32)?;
         let next = if sampling.temperature <= 0.0 {
@@ -95,7 +96,12 @@ fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<Prefilled> {
     let ids = Tensor::from_vec(ids, (b, t), device)?;
     let mask_t = Tensor::new(mask.clone(), device)?;
     let mut cache = KvCache::new(model.num_layers());
-    let hidden = model.forward_embeds(&model.embed(&ids)?, Some(&mask_t), Some(&mut cache), Mode::Eval)?;
+    let hidden = model.forward_embeds(
+        &model.embed(&ids)?,
+        Some(&mask_t),
+        Some(&mut cache),
+        Mode::Eval,
+    )?;
     let lp = last_log_probs(model, &hidden)?;
     Ok((cache, mask, lp))
 }
@@ -114,7 +120,8 @@ fn step(
     }
     let ids = Tensor::from_vec(next.to_vec(), (next.len(), 1), device)?;
     let mask_t = Tensor::new(mask.to_vec(), device)?;
-    let hidden = model.forward_embeds(&model.embed(&ids)?, Some(&mask_t), Some(cache), Mode::Eval)?;
+    let hidden =
+        model.forward_embeds(&model.embed(&ids)?, Some(&mask_t), Some(cache), Mode::Eval)?;
     last_log_probs(model, &hidden)
 }
 

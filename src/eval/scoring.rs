@@ -7,9 +7,9 @@
 //! trained on it saw, so nothing changes at the boundary when the tokens do not merge
 //! across it (the usual case: the continuation starts with a space or a word).
 
-use crate::nn::Mode;
 use crate::model::loss::target_log_probs;
 use crate::model::{KvCache, Llama, TextTokenizer};
+use crate::nn::Mode;
 use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 
@@ -101,7 +101,12 @@ pub fn score_candidates(model: &Llama, questions: &[Vec<Candidate>]) -> Result<S
     let ids_t = Tensor::from_vec(ids, (nq, tp), device)?;
     let mask_t = Tensor::from_vec(mask.clone(), (nq, tp), device)?;
     let mut cache = KvCache::new(model.num_layers());
-    let hidden = model.forward_embeds(&model.embed(&ids_t)?, Some(&mask_t), Some(&mut cache), Mode::Eval)?;
+    let hidden = model.forward_embeds(
+        &model.embed(&ids_t)?,
+        Some(&mask_t),
+        Some(&mut cache),
+        Mode::Eval,
+    )?;
     let last = hidden.i((.., tp - 1, ..))?.contiguous()?;
     let last_logits = model.lm_head(&last)?.to_dtype(DType::F32)?;
     let last_lp = candle_nn::ops::log_softmax(&last_logits, 1)?.to_vec2::<f32>()?;

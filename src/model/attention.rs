@@ -1,8 +1,8 @@
 //! Grouped-query self-attention with a causal + padding mask and an optional KV cache.
 
+use super::rope::apply_rotary;
 use crate::nn::fused;
 use crate::nn::{Linear, Mode};
-use super::rope::apply_rotary;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 

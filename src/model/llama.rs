@@ -3,13 +3,13 @@
 
 use super::attention::{Attention, LayerKv};
 use super::config::{LayerShape, LlamaConfig};
-use crate::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use crate::nn::{Linear, Mode};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
 use super::shapes::{layer_prefix, read_layer_shapes};
 use super::weights::Weights;
+use crate::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use crate::nn::{Linear, Mode};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 

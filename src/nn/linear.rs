@@ -2,8 +2,8 @@
 //! one place where an adapter hooks in, so the forward pass never changes when one is
 //! attached.
 
-use super::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use super::adapter::Adapter;
+use super::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{DType, Tensor};

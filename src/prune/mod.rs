@@ -4,9 +4,9 @@
 //! importance from calibration text: for an input column j of `o_proj` or `down_proj`,
 //! `‖X_j‖₂ · Σ_i |W_ij|`, summed over a head group's columns.
 
-use crate::nn::Mode;
-use crate::nn::linear::Linear;
 use crate::model::{Llama, TextTokenizer};
+use crate::nn::linear::Linear;
+use crate::nn::Mode;
 use crate::progress;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};

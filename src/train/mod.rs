@@ -8,10 +8,10 @@ pub mod optim;
 pub mod schedule;
 
 use crate::adapters::trainable_vars;
-use crate::nn::Mode;
-use crate::nn::frozen::MatmulPrecision;
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, TextTokenizer};
+use crate::nn::frozen::MatmulPrecision;
+use crate::nn::Mode;
 use crate::report::plot::{line_chart, Series};
 use crate::{fsx, progress};
 use anyhow::{bail, Context, Result};
