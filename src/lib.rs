@@ -18,6 +18,7 @@ pub mod progress;
 pub mod prompt;
 pub mod prune;
 pub mod report;
+pub mod require;
 pub mod runtime;
 pub mod sweep;
 pub mod train;

@@ -30,7 +30,10 @@ fn gguf() -> Option<PathBuf> {
 #[ignore = "minutes; run in a release build (see the file's header)"]
 fn smollm2_content_is_above_chance_on_arc_easy_and_piqa() {
     let Some(path) = gguf() else {
-        eprintln!("skipped: SmolLM2-135M GGUF not found (scripts/fetch-smollm2.sh)");
+        rora::require::skip_or_fail(
+            "smollm2",
+            "the SmolLM2-135M GGUF is absent (scripts/fetch-smollm2.sh)",
+        );
         return;
     };
     let limit: usize = std::env::var("RORA_EVAL_LIMIT")

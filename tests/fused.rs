@@ -231,7 +231,7 @@ fn packed_bf16(w: &Tensor) -> Option<FrozenWeight> {
         return Some(weight);
     }
     assert!(weight.packed().is_none());
-    eprintln!("no AMX on this CPU: bf16 products are not exercised here");
+    rora::require::skip_or_fail("amx", "no AMX on this CPU: bf16 products are not exercised");
     None
 }
 

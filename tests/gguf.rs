@@ -670,10 +670,13 @@ next week.";
 fn smollm2_gguf_perplexity() {
     let path = smollm2_path();
     if !path.is_file() {
-        println!(
-            "skipped: {} is absent; fetch it with scripts/fetch-smollm2.sh (or point \
-             RORA_SMOLLM2_GGUF at it)",
-            path.display()
+        rora::require::skip_or_fail(
+            "smollm2",
+            &format!(
+                "{} is absent; fetch it with scripts/fetch-smollm2.sh (or point \
+                 RORA_SMOLLM2_GGUF at it)",
+                path.display()
+            ),
         );
         return;
     }

@@ -387,7 +387,7 @@ mod tests {
     #[test]
     fn amx_product_matches_the_reference_on_edge_shapes() {
         if !available() {
-            eprintln!("no AMX on this CPU: the kernel is not exercised here");
+            crate::require::skip_or_fail("amx", "no AMX on this CPU: the kernel is not exercised");
             return;
         }
         for (m, n, k) in [
