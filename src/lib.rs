@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fsx;
@@ -14,7 +15,6 @@ pub mod inspect;
 pub mod model;
 pub mod pipeline;
 pub mod progress;
-pub mod prompt;
 pub mod prune;
 pub mod report;
 pub mod runtime;
