@@ -1,6 +1,7 @@
 //! The `recover` command line: argument definitions and dispatch to the library.
 
-use crate::eval::perplexity::{perplexity, read_scoring_text, PerplexityOptions};
+use crate::data::read_scoring_text;
+use crate::eval::perplexity::{perplexity, PerplexityOptions};
 use crate::inspect::ShapeReport;
 use crate::model::{self, ModelSource};
 use crate::pipeline;
@@ -356,8 +357,12 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let tasks: Vec<&str> = a.tasks.iter().map(String::as_str).collect();
-    let mut spec = crate::eval::EvalSpec::new(&a.label, &tasks);
+    let tasks: Vec<crate::eval::EvalTask> = a
+        .tasks
+        .iter()
+        .map(|t| crate::eval::EvalTask::parse(t))
+        .collect::<Result<_>>()?;
+    let mut spec = crate::eval::EvalSpec::new(&a.label, tasks);
     spec.protocol = a
         .protocol
         .iter()

@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fsx;
@@ -15,7 +16,6 @@ pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod progress;
-pub mod prompt;
 pub mod prune;
 pub mod report;
 pub mod require;

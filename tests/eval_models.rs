@@ -4,13 +4,13 @@
 
 mod common;
 
+use rora::data::prompt::evaluation_prompt;
+use rora::data::{load_task, Question, Task};
 use rora::eval::content::content_pairs;
 use rora::eval::generate::{beam_search_batch, generate_batch, greedy_batch, greedy_no_cache};
 use rora::eval::protocols::choice_candidates;
 use rora::eval::scoring::{argmax, score_candidates, score_full_sequence, Candidate};
-use rora::eval::tasks::{load_task, Question, Task};
 use rora::eval::{run_eval, EvalReport, EvalSpec, Protocol};
-use rora::prompt::evaluation_prompt;
 use std::path::PathBuf;
 
 fn data_dir() -> PathBuf {
@@ -153,7 +153,10 @@ fn beam_search_batched_equals_one_prompt_at_a_time() {
 fn run_eval_writes_the_three_reports() {
     let loaded = common::load_stories();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = EvalSpec::new("before", &["boolq", "piqa", "winogrande", "hellaswag"]);
+    let mut spec = EvalSpec::new(
+        "before",
+        [Task::BoolQ, Task::Piqa, Task::WinoGrande, Task::HellaSwag],
+    );
     spec.data_dir = data_dir();
     spec.limit = Some(4);
     spec.batch_size = 3;

@@ -11,6 +11,7 @@
 mod common;
 
 use candle_core::{DType, Device};
+use rora::data::Task;
 use rora::eval::{run_eval, EvalSpec, Protocol};
 use rora::model::ModelSource;
 use std::path::PathBuf;
@@ -42,7 +43,7 @@ fn smollm2_content_is_above_chance_on_arc_easy_and_piqa() {
         .unwrap_or(200);
     let loaded = rora::model::load(&ModelSource::Gguf(path), DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = EvalSpec::new("smollm2", &["ARC-Easy", "piqa"]);
+    let mut spec = EvalSpec::new("smollm2", [Task::ArcEasy, Task::Piqa]);
     spec.data_dir = common::shared_dir().join("data/commonsense");
     spec.limit = Some(limit);
     spec.protocol = vec![Protocol::Content];

@@ -3,10 +3,10 @@
 
 mod common;
 
+use rora::data::options::answer_format;
+use rora::data::{load_task, load_task_file, Task};
 use rora::eval::answer::extract_answer;
 use rora::eval::content::content_pairs;
-use rora::eval::options::answer_format;
-use rora::eval::tasks::{load_task, load_task_file, Task};
 use rora::eval::EvalSpec;
 use std::path::PathBuf;
 
@@ -179,9 +179,13 @@ fn bad_input_is_a_clear_error() {
         e.contains("hellaswagg") && e.contains("ARC-Challenge") && e.contains("boolq"),
         "{e}"
     );
-    let spec = EvalSpec::new("x", &["piqa", "nope"]);
-    let e = spec.validate().unwrap_err().to_string();
-    assert!(e.contains("`nope`") && e.contains("openbookqa"), "{e}");
+    let e = serde_yaml_ng::from_str::<EvalSpec>("label: x\ntasks: [piqa, nope]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`nope`") && e.contains("openbookqa") && e.contains("ppl"),
+        "{e}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let good = r#"{"instruction": "Please answer the following question with true or false, question: is it?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true", "answer": "true"}"#;
@@ -235,7 +239,7 @@ fn bad_input_is_a_clear_error() {
 #[test]
 fn spec_defaults_and_unknown_keys() {
     let s: EvalSpec = serde_yaml_ng::from_str("label: before\ntasks: [piqa]\n").unwrap();
-    assert_eq!(s, EvalSpec::new("before", &["piqa"]));
+    assert_eq!(s, EvalSpec::new("before", [Task::Piqa]));
     assert_eq!(s.protocol, vec![rora::eval::Protocol::Content]);
     let s: EvalSpec =
         serde_yaml_ng::from_str("label: a\ntasks: [piqa]\nprotocol: generate\nlimit: 5\n").unwrap();
@@ -247,7 +251,7 @@ fn spec_defaults_and_unknown_keys() {
     assert!(
         serde_yaml_ng::from_str::<EvalSpec>("label: a\ntasks: [piqa]\nprotocol: guess\n").is_err()
     );
-    let mut s = EvalSpec::new("a/b", &["piqa"]);
+    let mut s = EvalSpec::new("a/b", [Task::Piqa]);
     assert!(s.validate().is_err());
     s.label = "after".into();
     s.limit = Some(0);

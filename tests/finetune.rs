@@ -5,9 +5,10 @@ mod common;
 
 use common::*;
 use rora::adapters::{self, AttachSpec};
+use rora::data;
 use rora::nn::frozen::MatmulPrecision;
 use rora::nn::fused::amx;
-use rora::train::{self, data, FinetuneSpec};
+use rora::train::{self, FinetuneSpec};
 use std::path::Path;
 use std::process::Command;
 
@@ -91,7 +92,10 @@ fn instruction_examples_follow_llm_adapters_tokenization() {
     };
     let full = data::instruction_example(&tok, &item, 512, true).unwrap();
     let prompt_only = tok
-        .encode(&rora::prompt::training_prompt(&item.instruction, ""), true)
+        .encode(
+            &rora::data::prompt::training_prompt(&item.instruction, ""),
+            true,
+        )
         .unwrap();
     assert_eq!(full.ids[0], 1, "BOS first");
     assert_eq!(*full.ids.last().unwrap(), 2, "EOS appended");

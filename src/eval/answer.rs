@@ -9,7 +9,7 @@
 //! matches, and simply wrong, as upstream. Only the text before a second
 //! `### Response:` counts (upstream splits the decoded output on that marker).
 
-use super::tasks::Task;
+use crate::data::Task;
 
 /// The first label of `task`'s pattern found in `generation`, if any.
 pub fn extract_answer(task: Task, generation: &str) -> Option<String> {

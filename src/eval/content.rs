@@ -11,8 +11,7 @@
 //! - WinoGrande, partial scoring: context = the sentence up to `_` with the option put in,
 //!   continuation = ` ` + the rest of the sentence after `_`, trimmed (the same for both).
 
-use super::tasks::Question;
-use super::tasks::Task;
+use crate::data::{Question, Task};
 use anyhow::{bail, Result};
 
 /// lm-evaluation-harness's HellaSwag `preprocess`.

@@ -4,16 +4,13 @@
 pub mod answer;
 pub mod content;
 pub mod generate;
-pub mod options;
 pub mod perplexity;
 pub mod protocols;
 pub mod report;
 pub mod run;
 pub mod scoring;
 pub mod spec;
-pub mod tasks;
 
 pub use report::{wilson_interval, EvalReport, ProtocolResult, QuestionRecord, TaskResult};
 pub use run::run_eval;
-pub use spec::{EvalSpec, Protocol};
-pub use tasks::{load_task, Question, Task};
+pub use spec::{EvalSpec, EvalTask, Protocol};

@@ -5,11 +5,10 @@
 use crate::model::loss::target_log_probs;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::Serialize;
 use std::fmt::Write;
-use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PerplexityReport {
@@ -47,26 +46,6 @@ impl PerplexityReport {
         );
         s
     }
-}
-
-/// The text to score from `path` (`key` names it in errors): a plain text file as it is,
-/// or, for a `.json` file of LLM-Adapters items (a task's `test.json`), the items'
-/// instructions joined by blank lines — held-out in-domain text for a model fine-tuned
-/// on the training sets.
-pub fn read_scoring_text(path: &Path, key: &str) -> Result<String> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-    {
-        let items = crate::train::data::read_instruction_file(path)
-            .with_context(|| format!("{key} {}", path.display()))?;
-        if items.is_empty() {
-            bail!("{key} {} has no items", path.display());
-        }
-        let instructions: Vec<&str> = items.iter().map(|i| i.instruction.as_str()).collect();
-        return Ok(instructions.join("\n\n"));
-    }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {key} {}", path.display()))
 }
 
 /// How a text is cut and scored.

@@ -7,9 +7,9 @@ use super::generate::generate_batch;
 use super::report::QuestionRecord;
 use super::scoring::{argmax, score_candidates, Candidate};
 use super::spec::{EvalSpec, Protocol};
-use super::tasks::Question;
+use crate::data::prompt::evaluation_prompt;
+use crate::data::Question;
 use crate::model::{Llama, TextTokenizer};
-use crate::prompt::evaluation_prompt;
 use anyhow::Result;
 
 /// The records of one answered batch and the tokens the model processed for it.

@@ -3,7 +3,7 @@
 //! papers' layout, and per-question records.
 
 use super::spec::Protocol;
-use super::tasks::Task;
+use crate::data::Task;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::path::PathBuf;

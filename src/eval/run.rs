@@ -4,7 +4,7 @@
 use super::protocols::answer_batch;
 use super::report::{EvalReport, ProtocolResult, QuestionRecord, TaskResult};
 use super::spec::{EvalSpec, Protocol};
-use super::tasks::{load_task, Question, Task};
+use crate::data::{load_task, Question, Task};
 use crate::fsx;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
@@ -112,7 +112,7 @@ pub fn run_eval(
     }
     let perplexity = match (&spec.ppl_text, spec.wants_ppl()) {
         (Some(path), true) => {
-            let text = crate::eval::perplexity::read_scoring_text(path, "eval.ppl_text")?;
+            let text = crate::data::read_scoring_text(path, "eval.ppl_text")?;
             let name = path.display().to_string();
             Some(crate::eval::perplexity::perplexity(
                 model,

@@ -1,8 +1,8 @@
 //! The `eval` stage's settings.
 
-use super::tasks::Task;
-use anyhow::{bail, Result};
-use serde::{Deserialize, Deserializer, Serialize};
+use crate::data::Task;
+use anyhow::{anyhow, bail, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
 
 /// How a question is answered (see DESIGN.md, Evaluation).
@@ -36,8 +36,8 @@ pub struct EvalSpec {
     /// Names the reports: `eval-<label>.json`, `.md`, `.jsonl`.
     pub label: String,
     /// Task names (`boolq`, `piqa`, `social_i_qa`, `hellaswag`, `winogrande`, `ARC-Easy`,
-    /// `ARC-Challenge`, `openbookqa`).
-    pub tasks: Vec<String>,
+    /// `ARC-Challenge`, `openbookqa`, `ppl`).
+    pub tasks: Vec<EvalTask>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// At most this many questions per task.
@@ -115,17 +115,67 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Protocol>, D::Erro
 /// The task name of perplexity on `ppl_text`.
 pub const PPL_TASK: &str = "ppl";
 
+/// One entry of `eval.tasks`: a commonsense task, or `ppl` (perplexity of `ppl_text`).
+/// Written in specs as the task's name; an unknown name fails when the spec is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EvalTask {
+    Commonsense(Task),
+    Ppl,
+}
+
+impl EvalTask {
+    /// The name used in specs (`Task::name`, or `ppl`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalTask::Commonsense(t) => t.name(),
+            EvalTask::Ppl => PPL_TASK,
+        }
+    }
+
+    /// Parses a name of `eval.tasks`; an unknown name is an error that lists the known ones.
+    pub fn parse(name: &str) -> Result<EvalTask> {
+        if name == PPL_TASK {
+            return Ok(EvalTask::Ppl);
+        }
+        Task::parse(name).map(EvalTask::Commonsense).map_err(|_| {
+            anyhow!(
+                "unknown task `{name}`; the tasks are: {}, and {PPL_TASK} (perplexity of eval.ppl_text)",
+                Task::ALL.map(Task::name).join(", ")
+            )
+        })
+    }
+}
+
+impl From<Task> for EvalTask {
+    fn from(task: Task) -> Self {
+        EvalTask::Commonsense(task)
+    }
+}
+
+impl Serialize for EvalTask {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EvalTask {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        EvalTask::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
 impl EvalSpec {
     /// Whether `ppl` is among the tasks.
     pub fn wants_ppl(&self) -> bool {
-        self.tasks.iter().any(|t| t == PPL_TASK)
+        self.tasks.contains(&EvalTask::Ppl)
     }
 
     /// A spec with every default: `tasks` on `data_dir`, the `content` protocol.
-    pub fn new(label: &str, tasks: &[&str]) -> Self {
+    pub fn new(label: &str, tasks: impl IntoIterator<Item = impl Into<EvalTask>>) -> Self {
         Self {
             label: label.to_string(),
-            tasks: tasks.iter().map(|s| s.to_string()).collect(),
+            tasks: tasks.into_iter().map(Into::into).collect(),
             data_dir: default_data_dir(),
             limit: None,
             sample: false,
@@ -140,8 +190,8 @@ impl EvalSpec {
         }
     }
 
-    /// Checks the settings and resolves the task names (unknown names are an error that
-    /// lists the tasks). Duplicates are dropped, the order kept.
+    /// Checks the settings and returns the commonsense tasks (without `ppl`). Duplicates
+    /// are dropped, the order kept.
     pub fn validate(&self) -> Result<Vec<Task>> {
         if self.label.is_empty()
             || !self
@@ -161,16 +211,14 @@ impl EvalSpec {
             );
         }
         let mut tasks = Vec::new();
-        for name in &self.tasks {
-            if name == PPL_TASK {
-                if self.ppl_text.is_none() {
+        for &task in &self.tasks {
+            match task {
+                EvalTask::Ppl if self.ppl_text.is_none() => {
                     bail!("eval.tasks has `ppl`: give the text to score as eval.ppl_text");
                 }
-                continue;
-            }
-            let t = Task::parse(name)?;
-            if !tasks.contains(&t) {
-                tasks.push(t);
+                EvalTask::Ppl => {}
+                EvalTask::Commonsense(t) if !tasks.contains(&t) => tasks.push(t),
+                EvalTask::Commonsense(_) => {}
             }
         }
         if self.limit == Some(0) {

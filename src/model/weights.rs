@@ -75,8 +75,4 @@ impl Weights {
             origin: self.origin,
         })
     }
-
-    pub fn into_map(self) -> BTreeMap<String, Tensor> {
-        self.tensors
-    }
 }

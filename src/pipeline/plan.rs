@@ -122,7 +122,11 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
             Stage::Eval(e) => format!(
                 "`{}`: {} ({:?}){}",
                 e.label,
-                e.tasks.join(", "),
+                e.tasks
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 e.protocol,
                 e.limit
                     .map_or(String::new(), |l| format!(", first {l} questions"))

@@ -3,13 +3,14 @@
 use super::run_dir::{now_rfc3339, RunDir};
 use super::spec::{InspectSpec, PipelineSpec, PplSpec, Stage};
 use crate::adapters::{self, AttachSpec};
-use crate::eval::perplexity::{perplexity, read_scoring_text, PerplexityOptions};
+use crate::data::{expand_globs, read_scoring_text};
+use crate::eval::perplexity::{perplexity, PerplexityOptions};
 use crate::export::{self, ExportSpec};
 use crate::fsx;
 use crate::inspect::ShapeReport;
 use crate::model::{self, LoadedModel, ModelSource};
 use crate::progress;
-use crate::train::{self, data::expand_globs, FinetuneSpec};
+use crate::train::{self, FinetuneSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 //! importance from calibration text: for an input column j of `o_proj` or `down_proj`,
 //! `‖X_j‖₂ · Σ_i |W_ij|`, summed over a head group's columns.
 
+use crate::data::read_scoring_text;
 use crate::model::{Llama, TextTokenizer};
 use crate::nn::linear::Linear;
 use crate::nn::Mode;
@@ -127,7 +128,7 @@ pub fn prune(model: &mut Llama, tok: &TextTokenizer, spec: &PruneSpec) -> Result
     let params_before = model.num_params();
 
     // 1. Calibration: record the inputs of o_proj and down_proj.
-    let text = crate::eval::perplexity::read_scoring_text(&spec.calibration, "prune.calibration")?;
+    let text = read_scoring_text(&spec.calibration, "prune.calibration")?;
     let tokens = tok.encode(&text, false)?;
     let samples: Vec<Vec<u32>> = tokens
         .chunks(spec.seq_len - 1)

@@ -178,7 +178,7 @@ pub fn bar_chart(path: &Path, rows: &[Row]) -> Result<()> {
     let Some(first) = rows.first().and_then(|r| r.report.protocols.first()) else {
         return Err(anyhow!("no results to plot"));
     };
-    let tasks: Vec<(crate::eval::Task, String)> = first
+    let tasks: Vec<(crate::data::Task, String)> = first
         .tasks
         .iter()
         .map(|t| (t.task, t.column.clone()))

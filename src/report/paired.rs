@@ -3,7 +3,8 @@
 //! far more sensitive this way than intervals for independent proportions, and the
 //! verdict is stated in words so that a reader never mistakes noise for recovery.
 
-use crate::eval::{Protocol, QuestionRecord, Task};
+use crate::data::Task;
+use crate::eval::{Protocol, QuestionRecord};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::fmt::Write;

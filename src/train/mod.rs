@@ -3,11 +3,13 @@
 //! gradient clipping, the update, logging, validation and checkpoints.
 
 pub mod checkpoint;
-pub mod data;
 pub mod optim;
 pub mod schedule;
 
 use crate::adapters::trainable_vars;
+use crate::data::{
+    expand_globs, instruction_example, read_instruction_file, text_examples, Example,
+};
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::{Llama, TextTokenizer};
 use crate::nn::frozen::MatmulPrecision;
@@ -16,7 +18,6 @@ use crate::report::plot::{line_chart, Series};
 use crate::{fsx, progress};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use data::{expand_globs, instruction_example, read_instruction_file, text_examples, Example};
 use optim::{AdamW, AdamWConfig};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

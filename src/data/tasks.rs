@@ -1,8 +1,7 @@
 //! The eight commonsense tasks (LLM-Adapters' JSON files): names, where their test file
-//! lives, their label patterns, and loading with validation.
+//! lives, their label patterns and lead-ins. Loading a task's questions is in
+//! `questions.rs`.
 
-use super::options::{parse_instruction, ParsedQuestion};
-use crate::train::data::read_instruction_file;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -145,63 +144,4 @@ impl Task {
         }
         bail!("task {}: {} does not exist", self.name(), test.display())
     }
-}
-
-/// One test question, validated: its gold label is one its `Answer format:` allows and its
-/// options parse.
-#[derive(Debug, Clone)]
-pub struct Question {
-    pub task: Task,
-    /// Position in the file (0-based).
-    pub index: usize,
-    pub instruction: String,
-    /// The gold label (`answer2`, `true`...).
-    pub gold: String,
-    pub parsed: ParsedQuestion,
-}
-
-impl Question {
-    /// Position of the gold label among `parsed.labels`.
-    pub fn gold_index(&self) -> usize {
-        self.parsed
-            .labels
-            .iter()
-            .position(|l| *l == self.gold)
-            .expect("validated at load")
-    }
-}
-
-/// Reads and validates the task's test file (see `Task::test_file`).
-pub fn load_task(task: Task, data_dir: &Path) -> Result<Vec<Question>> {
-    let path = task.test_file(data_dir)?;
-    load_task_file(task, &path)
-}
-
-/// Reads and validates one LLM-Adapters file of `task`. Errors name the file and the item.
-pub fn load_task_file(task: Task, path: &Path) -> Result<Vec<Question>> {
-    let items = read_instruction_file(path)?;
-    let mut out = Vec::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        let at = || format!("{} item {index}", path.display());
-        let Some(gold) = item.answer else {
-            bail!("{}: missing field `answer`", at());
-        };
-        let parsed =
-            parse_instruction(task, &item.instruction).map_err(|e| anyhow!("{}: {e}", at()))?;
-        if !parsed.labels.contains(&gold) {
-            bail!(
-                "{}: answer `{gold}` is not one the question allows (Answer format: {})",
-                at(),
-                parsed.labels.join("/")
-            );
-        }
-        out.push(Question {
-            task,
-            index,
-            instruction: item.instruction,
-            gold,
-            parsed,
-        });
-    }
-    Ok(out)
 }
