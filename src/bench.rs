@@ -11,6 +11,7 @@
 
 use crate::adapters::{self, AttachSpec, Method, MODULES};
 use crate::model::loss::masked_mean_nll_from_hidden;
+use crate::model::random::{random_weights, RandomInit};
 use crate::model::{Llama, LlamaConfig, Weights};
 use crate::nn::frozen::MatmulPrecision;
 use crate::nn::Mode;
@@ -684,53 +685,11 @@ fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
         })
         .to_string(),
     )?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
-    let (h, hd) = (spec.hidden, spec.hidden / spec.heads);
-    let mut map = BTreeMap::new();
-    let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                // Box–Muller, std 0.02 (Hugging Face's initializer_range).
-                let u1: f64 = 1.0 - rng.random::<f64>();
-                let u2: f64 = rng.random::<f64>();
-                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, (rows, cols), device)?)
-    };
-    map.insert(
-        "model.embed_tokens.weight".to_string(),
-        normal(spec.vocab, h)?,
-    );
-    for l in 0..spec.layers {
-        let p = format!("model.layers.{l}");
-        let shapes = [
-            ("self_attn.q_proj", spec.heads * hd, h),
-            ("self_attn.k_proj", spec.kv_heads * hd, h),
-            ("self_attn.v_proj", spec.kv_heads * hd, h),
-            ("self_attn.o_proj", h, spec.heads * hd),
-            ("mlp.gate_proj", spec.intermediate, h),
-            ("mlp.up_proj", spec.intermediate, h),
-            ("mlp.down_proj", h, spec.intermediate),
-        ];
-        for (name, rows, cols) in shapes {
-            map.insert(format!("{p}.{name}.weight"), normal(rows, cols)?);
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            map.insert(
-                format!("{p}.{norm}.weight"),
-                Tensor::ones(h, candle_core::DType::F32, device)?,
-            );
-        }
-    }
-    map.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(h, candle_core::DType::F32, device)?,
-    );
-    if !spec.tie_word_embeddings {
-        map.insert("lm_head.weight".to_string(), normal(spec.vocab, h)?);
-    }
-    Llama::from_weights(config, &Weights::new(map, "bench train (random weights)"))
+    let weights = random_weights(&config, &RandomInit::hugging_face(), spec.seed, device)?;
+    Llama::from_weights(
+        config,
+        &Weights::new(weights.into_map(), "bench train (random weights)"),
+    )
 }
 
 fn median(xs: &[f64]) -> f64 {

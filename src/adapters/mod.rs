@@ -15,15 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The projections an adapter can target, in the order a layer applies them.
-pub const MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use crate::model::schema::MODULES;
 
 /// DoRA's commonsense recipe.
 pub fn default_targets() -> Vec<String> {
@@ -200,7 +192,7 @@ pub struct AttachReport {
 
 /// PEFT's name prefix of a projection: `base_model.model.model.layers.N.self_attn.q_proj`.
 pub fn peft_prefix(layer: usize, path: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{path}")
+    format!("{}.{path}", crate::model::schema::peft_layer_prefix(layer))
 }
 
 /// Uniform(−1/sqrt(in), 1/sqrt(in)): PyTorch's `kaiming_uniform_(a=sqrt(5))`, PEFT's

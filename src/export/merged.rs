@@ -6,7 +6,7 @@
 
 use crate::adapters::merge::merged_weight;
 use crate::fsx;
-use crate::model::shapes::layer_prefix;
+use crate::model::schema::{layer_prefix, LayerNorm, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::model::{dtype_name, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -25,27 +25,18 @@ const TOKENIZER_FILES: [&str; 4] = [
 pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
     let m = &loaded.model;
     let mut out = BTreeMap::new();
-    out.insert(
-        "model.embed_tokens.weight".to_string(),
-        m.embed_tokens.to_dtype(dtype)?,
-    );
-    out.insert(
-        "model.norm.weight".to_string(),
-        m.norm.weight().to_dtype(dtype)?,
-    );
+    out.insert(EMBED_TOKENS.to_string(), m.embed_tokens.to_dtype(dtype)?);
+    out.insert(FINAL_NORM.to_string(), m.norm.weight().to_dtype(dtype)?);
     if let Some(head) = &m.lm_head {
-        out.insert("lm_head.weight".to_string(), head.to_dtype(dtype)?);
+        out.insert(LM_HEAD.to_string(), head.to_dtype(dtype)?);
     }
     for (i, layer) in m.layers.iter().enumerate() {
-        let p = layer_prefix(i);
-        out.insert(
-            format!("{p}.input_layernorm.weight"),
-            layer.input_layernorm.weight().to_dtype(dtype)?,
-        );
-        out.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            layer.post_attention_layernorm.weight().to_dtype(dtype)?,
-        );
+        for (norm, weight) in [
+            (LayerNorm::Input, &layer.input_layernorm),
+            (LayerNorm::PostAttention, &layer.post_attention_layernorm),
+        ] {
+            out.insert(norm.hf_name(i), weight.weight().to_dtype(dtype)?);
+        }
     }
     for (i, path, linear) in m.projections() {
         let w = match linear.adapter() {

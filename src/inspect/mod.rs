@@ -1,6 +1,9 @@
 //! The shape report: every layer's widths and parameters, totals, and — against a dense
 //! reference config — how much pruning removed.
 
+/// Parameters of one decoder layer (projections and its two norms).
+pub use crate::model::schema::layer_params;
+use crate::model::schema::outer_params;
 use crate::model::{dtype_name, LayerShape, LlamaConfig, LoadedModel};
 use serde::Serialize;
 use std::fmt::Write;
@@ -43,22 +46,6 @@ pub struct ShapeReport {
     pub bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceSummary>,
-}
-
-/// Parameters of one decoder layer (projections and its two norms).
-pub fn layer_params(hidden: usize, head_dim: usize, s: &LayerShape) -> u64 {
-    let (h, hd) = (hidden as u64, head_dim as u64);
-    let q = s.num_attention_heads as u64 * hd;
-    let kv = s.num_key_value_heads as u64 * hd;
-    let attn = h * q + 2 * h * kv + q * h;
-    let mlp = 3 * h * s.intermediate_size as u64;
-    attn + mlp + 2 * h
-}
-
-/// Embedding, output head (when untied) and final norm.
-fn outer_params(hidden: usize, vocab: usize, tied: bool) -> u64 {
-    let emb = (hidden * vocab) as u64;
-    emb + if tied { 0 } else { emb } + hidden as u64
 }
 
 /// The dense widths a config declares for each layer.

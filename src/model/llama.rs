@@ -6,7 +6,8 @@ use super::config::{LayerShape, LlamaConfig};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
-use super::shapes::{layer_prefix, read_layer_shapes};
+use super::schema::{LayerNorm, Projection, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
+use super::shapes::read_layer_shapes;
 use super::weights::Weights;
 use crate::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
 use crate::nn::{Linear, Mode};
@@ -96,37 +97,37 @@ impl Llama {
         let hidden = config.hidden_size;
         let eps = config.rms_norm_eps;
         let head_dim = config.head_dim();
-        let embed_tokens = weights.get("model.embed_tokens.weight")?.clone();
+        let embed_tokens = weights.get(EMBED_TOKENS)?.clone();
         let device = embed_tokens.device().clone();
-        let linear =
-            |name: String| -> Result<Linear> { Ok(Linear::new(weights.get(&name)?.clone())) };
-        let norm = |name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm::new(weights.vector(&name, hidden)?.clone(), eps))
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(weights.vector(name, hidden)?.clone(), eps))
         };
         let mut layers = Vec::with_capacity(layer_shapes.len());
         for (i, shape) in layer_shapes.iter().enumerate() {
-            let p = layer_prefix(i);
+            let linear = |p: Projection| -> Result<Linear> {
+                Ok(Linear::new(weights.get(&p.hf_name(i))?.clone()))
+            };
             layers.push(DecoderLayer {
-                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                input_layernorm: norm(&LayerNorm::Input.hf_name(i))?,
                 self_attn: Attention {
-                    q_proj: linear(format!("{p}.self_attn.q_proj.weight"))?,
-                    k_proj: linear(format!("{p}.self_attn.k_proj.weight"))?,
-                    v_proj: linear(format!("{p}.self_attn.v_proj.weight"))?,
-                    o_proj: linear(format!("{p}.self_attn.o_proj.weight"))?,
+                    q_proj: linear(Projection::Q)?,
+                    k_proj: linear(Projection::K)?,
+                    v_proj: linear(Projection::V)?,
+                    o_proj: linear(Projection::O)?,
                     num_heads: shape.num_attention_heads,
                     num_kv_heads: shape.num_key_value_heads,
                     head_dim,
                 },
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: norm(&LayerNorm::PostAttention.hf_name(i))?,
                 mlp: Mlp {
-                    gate_proj: linear(format!("{p}.mlp.gate_proj.weight"))?,
-                    up_proj: linear(format!("{p}.mlp.up_proj.weight"))?,
-                    down_proj: linear(format!("{p}.mlp.down_proj.weight"))?,
+                    gate_proj: linear(Projection::Gate)?,
+                    up_proj: linear(Projection::Up)?,
+                    down_proj: linear(Projection::Down)?,
                 },
             });
         }
-        let lm_head = if weights.contains("lm_head.weight") {
-            let (t, rows, cols) = weights.matrix("lm_head.weight")?;
+        let lm_head = if weights.contains(LM_HEAD) {
+            let (t, rows, cols) = weights.matrix(LM_HEAD)?;
             if (rows, cols) != (config.vocab_size, hidden) {
                 bail!(
                     "tensor `lm_head.weight` has shape [{rows}, {cols}], expected [{}, {hidden}]",
@@ -140,7 +141,7 @@ impl Llama {
         };
         Ok(Self {
             rope: RotaryEmbedding::new(&config, &device)?,
-            norm: norm("model.norm.weight".to_string())?,
+            norm: norm(FINAL_NORM)?,
             config,
             layer_shapes,
             embed_tokens,
@@ -250,21 +251,22 @@ impl Llama {
             .sum::<usize>()
     }
 
-    /// Every projection as (layer, path such as `self_attn.q_proj`, linear), in layer order.
+    /// Every projection as (layer, path such as `self_attn.q_proj`, linear), in layer order
+    /// (each layer's in [`Projection::ALL`] order).
     pub fn projections(&self) -> impl Iterator<Item = (usize, &'static str, &Linear)> {
         self.layers.iter().enumerate().flat_map(|(i, l)| {
             let a = &l.self_attn;
             let m = &l.mlp;
             [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
+                (Projection::Q, &a.q_proj),
+                (Projection::K, &a.k_proj),
+                (Projection::V, &a.v_proj),
+                (Projection::O, &a.o_proj),
+                (Projection::Gate, &m.gate_proj),
+                (Projection::Up, &m.up_proj),
+                (Projection::Down, &m.down_proj),
             ]
-            .map(|(p, lin)| (i, p, lin))
+            .map(|(p, lin)| (i, p.path(), lin))
         })
     }
 
@@ -299,15 +301,15 @@ impl Llama {
             let a = &mut l.self_attn;
             let m = &mut l.mlp;
             [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
+                (Projection::Q, &mut a.q_proj),
+                (Projection::K, &mut a.k_proj),
+                (Projection::V, &mut a.v_proj),
+                (Projection::O, &mut a.o_proj),
+                (Projection::Gate, &mut m.gate_proj),
+                (Projection::Up, &mut m.up_proj),
+                (Projection::Down, &mut m.down_proj),
             ]
-            .map(|(p, lin)| (i, p, lin))
+            .map(|(p, lin)| (i, p.path(), lin))
         })
     }
 }

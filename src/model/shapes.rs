@@ -9,19 +9,16 @@
 //! be narrower, never wider.
 
 use super::config::{LayerShape, LlamaConfig};
+use super::schema::{layer_prefix, LayerNorm, Projection, EMBED_TOKENS};
 use super::weights::Weights;
 use anyhow::{bail, Result};
-
-pub fn layer_prefix(layer: usize) -> String {
-    format!("model.layers.{layer}")
-}
 
 /// Reads and checks every layer's shape. Errors name the tensor, the shape found and
 /// the shape expected.
 pub fn read_layer_shapes(cfg: &LlamaConfig, w: &Weights) -> Result<Vec<LayerShape>> {
     let hidden = cfg.hidden_size;
     let head_dim = cfg.head_dim();
-    let (_, vocab, emb_dim) = w.matrix("model.embed_tokens.weight")?;
+    let (_, vocab, emb_dim) = w.matrix(EMBED_TOKENS)?;
     if emb_dim != hidden {
         bail!(
             "tensor `model.embed_tokens.weight` has shape [{vocab}, {emb_dim}] but config.json \
@@ -78,11 +75,12 @@ fn read_one_layer(
     head_dim: usize,
 ) -> Result<LayerShape> {
     let p = layer_prefix(i);
-    let expect = |name: &str, found: (usize, usize), want: (usize, usize)| -> Result<()> {
+    let expect = |proj: Projection, found: (usize, usize), want: (usize, usize)| -> Result<()> {
         if found != want {
             bail!(
-                "tensor `{p}.{name}` has shape [{}, {}], expected [{}, {}] (hidden_size {hidden}, \
+                "tensor `{}` has shape [{}, {}], expected [{}, {}] (hidden_size {hidden}, \
                  head_dim {head_dim} from config.json and the layer's other tensors)",
+                proj.hf_name(i),
                 found.0,
                 found.1,
                 want.0,
@@ -91,26 +89,25 @@ fn read_one_layer(
         }
         Ok(())
     };
-    let (_, q_out, q_in) = w.matrix(&format!("{p}.self_attn.q_proj.weight"))?;
-    expect("self_attn.q_proj.weight", (q_out, q_in), (q_out, hidden))?;
-    if q_out == 0 || q_out % head_dim != 0 {
-        bail!(
-            "tensor `{p}.self_attn.q_proj.weight` has {q_out} rows, not a positive multiple of \
-             head_dim {head_dim}"
-        );
-    }
-    let (_, k_out, k_in) = w.matrix(&format!("{p}.self_attn.k_proj.weight"))?;
-    expect("self_attn.k_proj.weight", (k_out, k_in), (k_out, hidden))?;
-    if k_out == 0 || k_out % head_dim != 0 {
-        bail!(
-            "tensor `{p}.self_attn.k_proj.weight` has {k_out} rows, not a positive multiple of \
-             head_dim {head_dim}"
-        );
-    }
-    let (_, v_out, v_in) = w.matrix(&format!("{p}.self_attn.v_proj.weight"))?;
-    expect("self_attn.v_proj.weight", (v_out, v_in), (k_out, hidden))?;
-    let (_, o_out, o_in) = w.matrix(&format!("{p}.self_attn.o_proj.weight"))?;
-    expect("self_attn.o_proj.weight", (o_out, o_in), (hidden, q_out))?;
+    let dims = |proj: Projection| -> Result<(usize, usize)> {
+        let (_, rows, cols) = w.matrix(&proj.hf_name(i))?;
+        Ok((rows, cols))
+    };
+    // q, k and gate give the layer's widths (their rows); every projection's shape then
+    // follows from the schema.
+    let rows_of = |proj: Projection, per_head: bool| -> Result<usize> {
+        let (rows, cols) = dims(proj)?;
+        expect(proj, (rows, cols), (rows, hidden))?;
+        if per_head && (rows == 0 || rows % head_dim != 0) {
+            bail!(
+                "tensor `{}` has {rows} rows, not a positive multiple of head_dim {head_dim}",
+                proj.hf_name(i)
+            );
+        }
+        Ok(rows)
+    };
+    let q_out = rows_of(Projection::Q, true)?;
+    let k_out = rows_of(Projection::K, true)?;
     let heads = q_out / head_dim;
     let kv_heads = k_out / head_dim;
     if !heads.is_multiple_of(kv_heads) {
@@ -120,27 +117,23 @@ fn read_one_layer(
              key/value heads for grouped-query attention"
         );
     }
-
-    let (_, g_out, g_in) = w.matrix(&format!("{p}.mlp.gate_proj.weight"))?;
-    expect("mlp.gate_proj.weight", (g_out, g_in), (g_out, hidden))?;
-    let (_, u_out, u_in) = w.matrix(&format!("{p}.mlp.up_proj.weight"))?;
-    expect("mlp.up_proj.weight", (u_out, u_in), (g_out, hidden))?;
-    let (_, d_out, d_in) = w.matrix(&format!("{p}.mlp.down_proj.weight"))?;
-    expect("mlp.down_proj.weight", (d_out, d_in), (hidden, g_out))?;
-    w.vector(&format!("{p}.input_layernorm.weight"), hidden)?;
-    w.vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?;
-
+    let g_out = rows_of(Projection::Gate, false)?;
     let found = LayerShape {
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         intermediate_size: g_out,
     };
+    for proj in Projection::ALL {
+        expect(proj, dims(proj)?, proj.shape(&found, hidden, head_dim))?;
+    }
+    for norm in LayerNorm::ALL {
+        w.vector(&norm.hf_name(i), hidden)?;
+    }
     check_against_config(cfg, i, found)?;
     Ok(found)
 }
 
 fn check_against_config(cfg: &LlamaConfig, i: usize, found: LayerShape) -> Result<()> {
-    let p = layer_prefix(i);
     let Some(declared) = cfg.declared_layer_shape(i) else {
         return Ok(());
     };
@@ -150,19 +143,19 @@ fn check_against_config(cfg: &LlamaConfig, i: usize, found: LayerShape) -> Resul
             "num_attention_heads",
             found.num_attention_heads,
             declared.num_attention_heads,
-            "self_attn.q_proj.weight",
+            Projection::Q,
         ),
         (
             "num_key_value_heads",
             found.num_key_value_heads,
             declared.num_key_value_heads,
-            "self_attn.k_proj.weight",
+            Projection::K,
         ),
         (
             "intermediate_size",
             found.intermediate_size,
             declared.intermediate_size,
-            "mlp.gate_proj.weight",
+            Projection::Gate,
         ),
     ];
     for (key, got, want, tensor) in checks {
@@ -173,7 +166,10 @@ fn check_against_config(cfg: &LlamaConfig, i: usize, found: LayerShape) -> Resul
             } else {
                 format!("config.json says {key} {want} and a layer can only be narrower")
             };
-            bail!("tensor `{p}.{tensor}` gives layer {i} {key} = {got}, but {whence}");
+            bail!(
+                "tensor `{}` gives layer {i} {key} = {got}, but {whence}",
+                tensor.hf_name(i)
+            );
         }
     }
     Ok(())

@@ -3,8 +3,9 @@
 //! parameters and a memory estimate.
 
 use super::spec::{PipelineSpec, Stage};
-use crate::adapters::{AttachSpec, MODULES};
-use crate::inspect::{human_bytes, human_count, layer_params};
+use crate::adapters::AttachSpec;
+use crate::inspect::{human_bytes, human_count};
+use crate::model::schema::{layer_params, outer_params, Projection};
 use crate::model::{self, LayerShape, LlamaConfig};
 use crate::train::FinetuneSpec;
 use anyhow::Result;
@@ -46,20 +47,12 @@ fn trainable_params(cfg: &LlamaConfig, shapes: &[LayerShape], a: &AttachSpec) ->
         if a.layers.as_ref().is_some_and(|ls| !ls.contains(&i)) {
             continue;
         }
-        for module in MODULES.iter().filter(|m| a.targets.iter().any(|t| t == *m)) {
-            let (q, kv, mlp) = (
-                s.num_attention_heads * hd,
-                s.num_key_value_heads * hd,
-                s.intermediate_size,
-            );
-            let (out, inp) = match *module {
-                "q_proj" => (q, h),
-                "k_proj" | "v_proj" => (kv, h),
-                "o_proj" => (h, q),
-                "gate_proj" | "up_proj" => (mlp, h),
-                _ => (h, mlp),
-            };
-            let r = a.rank_pattern.get(*module).copied().unwrap_or(a.rank);
+        for proj in Projection::ALL
+            .into_iter()
+            .filter(|p| a.targets.iter().any(|t| t == p.module()))
+        {
+            let (out, inp) = proj.shape(s, h, hd);
+            let r = a.rank_pattern.get(proj.module()).copied().unwrap_or(a.rank);
             total += (r * (inp + out)) as u64;
             if a.method.is_some_and(|m| m.is_dora()) {
                 total += out as u64;
@@ -159,8 +152,7 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
     let shapes = shapes_of(&cfg);
     let (h, hd) = (cfg.hidden_size, cfg.head_dim());
     let base: u64 = shapes.iter().map(|sh| layer_params(h, hd, sh)).sum::<u64>()
-        + (h * cfg.vocab_size) as u64 * if cfg.tie_word_embeddings() { 1 } else { 2 }
-        + h as u64;
+        + outer_params(h, cfg.vocab_size, cfg.tie_word_embeddings());
     let wbytes = spec.dtype.dtype().size_in_bytes() as u64;
     let _ = writeln!(
         s,

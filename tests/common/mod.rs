@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
+use rora::model::random::{random_weights, Draw, RandomInit};
+use rora::model::LlamaConfig;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -48,64 +50,12 @@ pub struct TinyLayer {
 
 /// Writes a random Llama folder (config.json, model.safetensors, stories260K's
 /// tokenizer.json) with hidden 64, head_dim 8, vocab 512 and the given layers. The
-/// config declares per-layer shapes when the layers differ.
+/// config declares per-layer shapes when the layers differ. Weights: embeddings
+/// U(±0.5), projections U(±0.3), norms 1 + U(±0.2), from `model::random`.
 pub fn write_tiny_model(dir: &Path, layers: &[TinyLayer], seed: u64) {
     let hidden = 64;
     let head_dim = 8;
     let vocab = 512;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut rand_t = |rows: usize, cols: usize, scale: f32| -> Tensor {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random_range(-scale..scale))
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    };
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".into(),
-        rand_t(vocab, hidden, 0.5),
-    );
-    t.insert(
-        "model.norm.weight".into(),
-        (rand_t(1, hidden, 0.2).squeeze(0).unwrap() + 1.0).unwrap(),
-    );
-    for (i, l) in layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        let s = 0.3;
-        t.insert(
-            format!("{p}.self_attn.q_proj.weight"),
-            rand_t(l.heads * head_dim, hidden, s),
-        );
-        t.insert(
-            format!("{p}.self_attn.k_proj.weight"),
-            rand_t(l.kv_heads * head_dim, hidden, s),
-        );
-        t.insert(
-            format!("{p}.self_attn.v_proj.weight"),
-            rand_t(l.kv_heads * head_dim, hidden, s),
-        );
-        t.insert(
-            format!("{p}.self_attn.o_proj.weight"),
-            rand_t(hidden, l.heads * head_dim, s),
-        );
-        t.insert(
-            format!("{p}.mlp.gate_proj.weight"),
-            rand_t(l.mlp, hidden, s),
-        );
-        t.insert(format!("{p}.mlp.up_proj.weight"), rand_t(l.mlp, hidden, s));
-        t.insert(
-            format!("{p}.mlp.down_proj.weight"),
-            rand_t(hidden, l.mlp, s),
-        );
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(
-                format!("{p}.{n}.weight"),
-                (rand_t(1, hidden, 0.2).squeeze(0).unwrap() + 1.0).unwrap(),
-            );
-        }
-    }
-    std::fs::create_dir_all(dir).unwrap();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     let uniform = layers
         .windows(2)
         .all(|w| (w[0].heads, w[0].kv_heads, w[0].mlp) == (w[1].heads, w[1].kv_heads, w[1].mlp));
@@ -139,6 +89,17 @@ pub fn write_tiny_model(dir: &Path, layers: &[TinyLayer], seed: u64) {
             })
             .collect();
     }
+    let parsed = LlamaConfig::from_json_str(&config.to_string()).unwrap();
+    let init = RandomInit {
+        embeddings: Draw::Uniform { half_width: 0.5 },
+        projections: Draw::Uniform { half_width: 0.3 },
+        norms: Draw::OnePlusUniform { half_width: 0.2 },
+        head: Draw::Uniform { half_width: 0.5 },
+    };
+    let weights = random_weights(&parsed, &init, seed, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = weights.into_map().into_iter().collect();
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config).unwrap(),
