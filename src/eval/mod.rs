@@ -13,7 +13,10 @@ pub mod scoring;
 pub mod spec;
 pub mod tasks;
 
-pub use report::{wilson_interval, EvalReport, ProtocolResult, QuestionRecord, TaskResult};
+pub use perplexity::PplSpec;
+pub use report::{
+    wilson_interval, EvalReport, EvalRun, ProtocolResult, QuestionRecord, TaskResult,
+};
 pub use run::run_eval;
 pub use spec::{EvalSpec, Protocol};
 pub use tasks::{load_task, Question, Task};
