@@ -52,7 +52,7 @@ pub struct StageOutput<R> {
 
 impl<R> StageOutput<R> {
     /// A report and nothing else.
-    pub fn report(report: R) -> Self {
+    pub fn new(report: R) -> Self {
         Self {
             report,
             markdown: None,
@@ -130,7 +130,7 @@ pub fn inspect(spec: &InspectSpec, ctx: &mut StageContext) -> Result<StageOutput
     };
     let report = ShapeReport::build(loaded, reference.as_ref().map(|(s, c)| (s.as_str(), c)));
     let md = report.to_markdown();
-    Ok(StageOutput::report(report).with_markdown(md))
+    Ok(StageOutput::new(report).with_markdown(md))
 }
 
 pub fn ppl(
@@ -140,7 +140,7 @@ pub fn ppl(
     let loaded = ctx.model("ppl")?;
     let report = spec.score(&loaded.model, &loaded.tokenizer, "ppl.text")?;
     let md = report.to_markdown();
-    Ok(StageOutput::report(report).with_markdown(md))
+    Ok(StageOutput::new(report).with_markdown(md))
 }
 
 pub fn attach(
@@ -169,7 +169,7 @@ pub fn attach(
         report.trainable_percent,
         report.model_params
     ));
-    Ok(StageOutput::report(report))
+    Ok(StageOutput::new(report))
 }
 
 pub fn finetune(
@@ -206,7 +206,7 @@ pub fn finetune(
     let wrote = report.wrote.clone();
     Ok(StageOutput {
         wrote,
-        ..StageOutput::report(report)
+        ..StageOutput::new(report)
     })
 }
 
@@ -244,7 +244,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .collect();
     Ok(StageOutput {
         wrote,
-        ..StageOutput::report(report)
+        ..StageOutput::new(report)
     })
 }
 
@@ -261,7 +261,7 @@ pub fn prune(spec: &PruneSpec, ctx: &mut StageContext) -> Result<StageOutput<Pru
         report.params_after,
         report.calibration_tokens
     ));
-    Ok(StageOutput::report(report))
+    Ok(StageOutput::new(report))
 }
 
 pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalReport>> {
@@ -271,6 +271,6 @@ pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalR
     let md = run.report.to_markdown();
     Ok(StageOutput {
         extra: vec![("jsonl", jsonl)],
-        ..StageOutput::report(run.report).with_markdown(md)
+        ..StageOutput::new(run.report).with_markdown(md)
     })
 }
