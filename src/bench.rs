@@ -12,7 +12,7 @@
 use crate::adapters::{self, AttachSpec, Method, MODULES};
 use crate::model::loss::masked_mean_nll_from_hidden;
 use crate::model::random::{random_weights, RandomInit};
-use crate::model::{Llama, LlamaConfig, Weights};
+use crate::model::{Llama, LlamaConfig};
 use crate::nn::frozen::MatmulPrecision;
 use crate::nn::Mode;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -686,10 +686,7 @@ fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
         .to_string(),
     )?;
     let weights = random_weights(&config, &RandomInit::hugging_face(), spec.seed, device)?;
-    Llama::from_weights(
-        config,
-        &Weights::new(weights.into_map(), "bench train (random weights)"),
-    )
+    Llama::from_weights(config, &weights)
 }
 
 fn median(xs: &[f64]) -> f64 {

@@ -1,13 +1,13 @@
 //! The `recover` command line: argument definitions and dispatch to the library.
 
-use crate::data::read_scoring_text;
-use crate::eval::perplexity::{perplexity, PerplexityOptions};
-use crate::inspect::ShapeReport;
-use crate::model::{self, ModelSource};
-use crate::pipeline;
-use anyhow::{bail, Context, Result};
+use crate::model::{self, DtypeName, ModelSource};
+use crate::pipeline::runner::write_outputs;
+use crate::pipeline::spec::{InspectSpec, LoadSpec};
+use crate::pipeline::{self, stages, Stage, StageContext, StageOutput};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// Win back the accuracy a pruned LLaMA-architecture model lost, with RoRA adapters.
@@ -243,11 +243,17 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Compare(a)), _) => compare(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (Some(Command::Sweep(a)), _) => sweep(a),
-        (None, Some(file)) if cli.dry_run => {
-            println!("{}", pipeline::runner::dry_run(&file, &cli.set)?);
-            Ok(())
-        }
         (None, Some(file)) => {
+            // The `sweep:` block is checked in a plain run too, though only `recover
+            // sweep` runs it.
+            let spec = pipeline::PipelineSpec::from_file(&file, &cli.set)?;
+            let sweep = crate::sweep::SweepSpec::of(&spec, &file)?;
+            if cli.dry_run {
+                let mut plan = pipeline::runner::dry_run(&file, &cli.set)?;
+                plan.push_str(&crate::sweep::block_plan(sweep.as_ref(), &file, &cli.set)?);
+                println!("{plan}");
+                return Ok(());
+            }
             let options = pipeline::runner::RunOptions {
                 resume: cli.resume,
                 part_of_sweep: false,
@@ -260,52 +266,66 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn inspect(a: InspectArgs) -> Result<()> {
-    let source = ModelSource::parse(&a.model)?;
-    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
-    let reference = match &a.reference {
-        Some(r) => Some((
-            r.as_str(),
-            model::read_config_only(r).context("--reference")?,
-        )),
-        None => None,
+/// A context holding the model of `source` in `dtype` on the CPU, loaded by the
+/// pipeline's `load` stage, outside any run folder.
+fn loaded(source: &str, dtype: DtypeName, seed: u64) -> Result<StageContext> {
+    let mut ctx = StageContext::new(Device::Cpu, dtype.dtype(), seed);
+    let load = LoadSpec {
+        model: source.to_string(),
+        config: None,
     };
-    let report = ShapeReport::build(&loaded, reference.as_ref().map(|(s, c)| (*s, c)));
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", report.to_markdown());
+    stages::load(&load, &mut ctx)?;
+    Ok(ctx)
+}
+
+/// Prints a stage's report: one JSON object, or its Markdown.
+fn print<R: Serialize>(out: &StageOutput<R>, json: bool) -> Result<()> {
+    match (&out.markdown, json) {
+        (Some(md), false) => println!("{md}"),
+        _ => println!("{}", serde_json::to_string(&out.report)?),
     }
     Ok(())
 }
 
-fn ppl(a: PplArgs) -> Result<()> {
-    let source = ModelSource::parse(&a.model)?;
-    let text = read_scoring_text(&a.text, "--text")?;
-    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
-    let report = perplexity(
-        &loaded.model,
-        &loaded.tokenizer,
-        &text,
-        &a.text.display().to_string(),
-        &PerplexityOptions {
-            max_len: a.max_len,
-            bos: a.bos,
-            batch_size: a.batch_size,
-            max_tokens: a.max_tokens,
-        },
-    )?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", report.to_markdown());
+/// Attaches the PEFT adapter in `dir` with the `attach` stage.
+fn attach_folder(dir: &std::path::Path, ctx: &mut StageContext) -> Result<()> {
+    let spec = crate::adapters::AttachSpec::from_folder(dir.to_path_buf());
+    stages::attach(&spec, ctx).map(|_| ())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    if let Some(r) = &a.reference {
+        // Before loading the model: a wrong reference fails at once.
+        model::read_config_only(r).map_err(|e| e.context("--reference"))?;
     }
-    Ok(())
+    let mut ctx = loaded(&a.model, a.dtype.parse()?, 0)?;
+    let spec = InspectSpec {
+        reference: a.reference,
+        label: None,
+    };
+    print(&stages::inspect(&spec, &mut ctx)?, a.json)
+}
+
+fn ppl(a: PplArgs) -> Result<()> {
+    if !a.text.is_file() {
+        bail!("cannot read --text {}: not a file", a.text.display());
+    }
+    let spec = crate::eval::PplSpec {
+        text: a.text,
+        max_tokens: a.max_tokens,
+        max_len: a.max_len,
+        bos: a.bos,
+        batch_size: a.batch_size,
+        label: None,
+    };
+    let mut ctx = loaded(&a.model, a.dtype.parse()?, 0)?;
+    print(&stages::ppl(&spec, &mut ctx)?, a.json)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
     let source = ModelSource::parse(&a.model)?;
-    let loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    let dtype: DtypeName = a.dtype.parse()?;
+    let loaded = model::load(&source, dtype.dtype(), &Device::Cpu)?;
     let prompt = loaded.tokenizer.encode(&a.prompt, true)?;
     for i in 0..a.samples {
         let sampling = crate::eval::generate::Sampling {
@@ -326,34 +346,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "bf16" => crate::pipeline::spec::DtypeName::Bf16,
-        "f16" => crate::pipeline::spec::DtypeName::F16,
-        "f32" => crate::pipeline::spec::DtypeName::F32,
-        other => bail!("--dtype `{other}`: use bf16, f16 or f32"),
-    };
-    let source = ModelSource::parse(&a.model)?;
-    let mut loaded = model::load(&source, candle_core::DType::F32, &Device::Cpu)?;
-    let (attach, _) = crate::adapters::peft::attach_from_folder(&mut loaded.model, &a.adapter)?;
+    let dtype: DtypeName = a.dtype.parse()?;
+    // Merging is done in f32 whatever the export dtype.
+    let mut ctx = loaded(&a.model, DtypeName::F32, 0)?;
+    attach_folder(&a.adapter, &mut ctx)?;
     let spec = crate::export::ExportSpec {
-        merged: Some(a.out.clone()),
+        merged: Some(a.out),
         adapter: None,
         dtype,
         max_shard_size: a.max_shard_size,
         base_model_name_or_path: None,
         verify: true,
     };
-    let report = crate::export::export(&loaded, Some(&attach), &spec)?;
-    eprintln!(
-        "merged {} into {} (verified: max |Δlogit| {:.2e})",
-        a.adapter.display(),
-        a.out.display(),
-        report.verify_max_abs_diff.unwrap_or(f64::NAN)
-    );
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    Ok(())
+    stages::export(&spec, &mut ctx).map(|_| ())
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -375,26 +380,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     spec.batch_size = a.batch_size;
     spec.data_dir = a.data_dir;
     spec.validate()?;
-    let source = ModelSource::parse(&a.model)?;
-    let mut loaded = model::load(&source, model::parse_dtype(&a.dtype)?, &Device::Cpu)?;
+    let mut ctx = loaded(&a.model, a.dtype.parse()?, 0)?;
     if let Some(dir) = &a.adapter {
-        crate::adapters::peft::attach_from_folder(&mut loaded.model, dir)?;
+        attach_folder(dir, &mut ctx)?;
     }
-    // Without --out the report files go to a scratch folder that is removed afterwards.
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("rora-eval-{}", std::process::id())));
-    let report = crate::eval::run_eval(&spec, &loaded.model, &loaded.tokenizer, 0, &out)?;
-    if a.out.is_none() {
-        let _ = std::fs::remove_dir_all(&out);
+    let out = stages::eval(&spec, &mut ctx)?;
+    if let Some(dir) = &a.out {
+        write_outputs(dir, &Stage::Eval(spec), &out)?;
     }
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", report.to_markdown());
-    }
-    Ok(())
+    print(&out, a.json)
 }
 
 fn compare(a: CompareArgs) -> Result<()> {

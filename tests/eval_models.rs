@@ -1,6 +1,6 @@
 //! The protocols on the real tiny model stories260K: batched + cached scoring equals
 //! scoring each full sequence alone; cached, left-padded generation equals recomputing
-//! the whole sequence each step; `run_eval` writes its three reports.
+//! the whole sequence each step; the eval stage's three reports.
 
 mod common;
 
@@ -10,7 +10,8 @@ use rora::eval::content::content_pairs;
 use rora::eval::generate::{beam_search_batch, generate_batch, greedy_batch, greedy_no_cache};
 use rora::eval::protocols::choice_candidates;
 use rora::eval::scoring::{argmax, score_candidates, score_full_sequence, Candidate};
-use rora::eval::{run_eval, EvalReport, EvalSpec, Protocol};
+use rora::eval::{EvalReport, EvalSpec, Protocol};
+use rora::pipeline::{runner::write_outputs, stages, Stage, StageContext};
 use std::path::PathBuf;
 
 fn data_dir() -> PathBuf {
@@ -150,8 +151,9 @@ fn beam_search_batched_equals_one_prompt_at_a_time() {
 }
 
 #[test]
-fn run_eval_writes_the_three_reports() {
-    let loaded = common::load_stories();
+fn eval_stage_writes_the_three_reports() {
+    let mut ctx = StageContext::new(candle_core::Device::Cpu, candle_core::DType::F32, 7);
+    ctx.model = Some(common::load_stories());
     let dir = tempfile::tempdir().unwrap();
     let mut spec = EvalSpec::new(
         "before",
@@ -162,7 +164,9 @@ fn run_eval_writes_the_three_reports() {
     spec.batch_size = 3;
     spec.max_new_tokens = 6;
     spec.protocol = vec![Protocol::Generate, Protocol::Choice, Protocol::Content];
-    let report = run_eval(&spec, &loaded.model, &loaded.tokenizer, 7, dir.path()).unwrap();
+    let out = stages::eval(&spec, &mut ctx).unwrap();
+    write_outputs(dir.path(), &Stage::Eval(spec), &out).unwrap();
+    let report = out.report;
     assert_eq!(report.protocols.len(), 3);
     for p in &report.protocols {
         assert_eq!(p.tasks.len(), 4);

@@ -42,13 +42,14 @@ fn smollm2_content_is_above_chance_on_arc_easy_and_piqa() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let loaded = rora::model::load(&ModelSource::Gguf(path), DType::F32, &Device::Cpu).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let mut spec = EvalSpec::new("smollm2", [Task::ArcEasy, Task::Piqa]);
     spec.data_dir = common::shared_dir().join("data/commonsense");
     spec.limit = Some(limit);
     spec.protocol = vec![Protocol::Content];
     spec.bos = std::env::var("RORA_EVAL_BOS").is_ok_and(|v| v == "1");
-    let report = run_eval(&spec, &loaded.model, &loaded.tokenizer, 42, dir.path()).unwrap();
+    let report = run_eval(&spec, &loaded.model, &loaded.tokenizer, 42)
+        .unwrap()
+        .report;
     println!("{}", report.to_markdown());
     let content = report.protocol(Protocol::Content).unwrap();
     // Chance: ARC-Easy about 1/4, PIQA 1/2. Lower interval ends above chance.

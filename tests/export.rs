@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rora::adapters::{self, peft, AttachSpec, Method};
 use rora::export::{self, ExportSpec};
+use rora::model::DtypeName;
 use rora::model::{self, LoadedModel, ModelSource};
-use rora::pipeline::spec::DtypeName;
 use std::path::Path;
 
 fn adapted_stories(method: Method, targets: &[&str]) -> (LoadedModel, AttachSpec) {

@@ -95,6 +95,21 @@ fn default_dropout() -> f64 {
 }
 
 impl AttachSpec {
+    /// `attach: {from: dir}`: the adapter in the PEFT folder `dir`, with its own settings.
+    pub fn from_folder(dir: std::path::PathBuf) -> Self {
+        Self {
+            from: Some(dir),
+            method: None,
+            rank: default_rank(),
+            alpha: None,
+            dropout: default_dropout(),
+            targets: default_targets(),
+            layers: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+
     pub fn alpha(&self) -> f64 {
         self.alpha.unwrap_or(2.0 * self.rank as f64)
     }

@@ -11,6 +11,9 @@ pub mod run;
 pub mod scoring;
 pub mod spec;
 
-pub use report::{wilson_interval, EvalReport, ProtocolResult, QuestionRecord, TaskResult};
+pub use perplexity::PplSpec;
+pub use report::{
+    wilson_interval, EvalReport, EvalRun, ProtocolResult, QuestionRecord, TaskResult,
+};
 pub use run::run_eval;
 pub use spec::{EvalSpec, EvalTask, Protocol};

@@ -7,10 +7,11 @@ use crate::model::{Llama, TextTokenizer};
 use crate::progress;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write;
+use std::path::PathBuf;
 
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PerplexityReport {
     pub text: String,
     /// Tokens of the text (without BOS).
@@ -45,6 +46,90 @@ impl PerplexityReport {
             self.perplexity
         );
         s
+    }
+}
+
+/// Perplexity settings: what the `ppl` stage, `recover ppl` and the eval stage's `ppl`
+/// task score and how. The eval stage keeps its own keys (`ppl_text`, `ppl_max_len`,
+/// `ppl_max_tokens`, and its `bos` and `batch_size`) and turns them into one of these
+/// with [`crate::eval::EvalSpec::ppl`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PplSpec {
+    /// A UTF-8 text file, or an LLM-Adapters `.json` (its instructions are scored).
+    pub text: PathBuf,
+    /// Score only the first N tokens of the text.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_true")]
+    pub bos: bool,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Suffix of the `ppl` stage's report files (`ppl-<label>.json`); default `ppl.json`.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+pub fn default_max_len() -> usize {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+fn default_batch_size() -> usize {
+    4
+}
+
+impl PplSpec {
+    /// Every default, on `text`.
+    pub fn new(text: PathBuf) -> Self {
+        Self {
+            text,
+            max_tokens: None,
+            max_len: default_max_len(),
+            bos: true,
+            batch_size: default_batch_size(),
+            label: None,
+        }
+    }
+
+    /// Checks the settings of a `ppl` stage.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_len < 2 {
+            bail!("ppl.max_len must be at least 2 (got {})", self.max_len);
+        }
+        if self.batch_size == 0 {
+            bail!("ppl.batch_size must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn options(&self) -> PerplexityOptions {
+        PerplexityOptions {
+            max_len: self.max_len,
+            bos: self.bos,
+            batch_size: self.batch_size,
+            max_tokens: self.max_tokens,
+        }
+    }
+
+    /// Reads `text` (`key` names it in errors) and scores it.
+    pub fn score(
+        &self,
+        model: &Llama,
+        tokenizer: &TextTokenizer,
+        key: &str,
+    ) -> Result<PerplexityReport> {
+        let text = crate::data::read_scoring_text(&self.text, key)?;
+        perplexity(
+            model,
+            tokenizer,
+            &text,
+            &self.text.display().to_string(),
+            &self.options(),
+        )
     }
 }
 

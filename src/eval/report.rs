@@ -239,3 +239,22 @@ pub struct QuestionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted_norm: Option<String>,
 }
+
+/// What the eval stage produced: the report and one record per question and protocol.
+#[derive(Debug, Clone)]
+pub struct EvalRun {
+    pub report: EvalReport,
+    pub records: Vec<QuestionRecord>,
+}
+
+impl EvalRun {
+    /// `eval-<label>.jsonl`: one record per line.
+    pub fn records_jsonl(&self) -> serde_json::Result<String> {
+        let mut lines = String::new();
+        for r in &self.records {
+            lines.push_str(&serde_json::to_string(r)?);
+            lines.push('\n');
+        }
+        Ok(lines)
+    }
+}

@@ -1,16 +1,16 @@
 //! `run_eval`: the eval stage's work: load and check the tasks, answer every selected
-//! question under every protocol, write `eval-<label>.json`, `.md` and `.jsonl`.
+//! question under every protocol. The pipeline runner writes what it returns
+//! (`eval-<label>.json`, `.md` and `.jsonl`).
 
 use super::protocols::answer_batch;
-use super::report::{EvalReport, ProtocolResult, QuestionRecord, TaskResult};
+use super::report::{EvalReport, EvalRun, ProtocolResult, QuestionRecord, TaskResult};
 use super::spec::{EvalSpec, Protocol};
 use crate::data::{load_task, Question, Task};
-use crate::fsx;
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
 use anyhow::{Context, Result};
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Which questions of a task with `len` questions are evaluated: all, the first `limit`,
@@ -91,17 +91,9 @@ pub fn evaluate_task(
     Ok((result, records))
 }
 
-/// Runs the eval stage: every task of `spec` under every protocol; writes
-/// `eval-<label>.json` (the report), `eval-<label>.md` (the papers' table and details)
-/// and `eval-<label>.jsonl` (one record per question and protocol) into `run_dir`.
+/// Runs the eval stage: every task of `spec` under every protocol, and the `ppl` task.
 /// All task files are read and checked before the model runs.
-pub fn run_eval(
-    spec: &EvalSpec,
-    model: &Llama,
-    tok: &TextTokenizer,
-    seed: u64,
-    run_dir: &Path,
-) -> Result<EvalReport> {
+pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) -> Result<EvalRun> {
     let started = Instant::now();
     let tasks = spec.validate()?;
     let mut loaded = Vec::with_capacity(tasks.len());
@@ -110,24 +102,9 @@ pub fn run_eval(
         let questions = load_task(task, &spec.data_dir)?;
         loaded.push((task, file, questions));
     }
-    let perplexity = match (&spec.ppl_text, spec.wants_ppl()) {
-        (Some(path), true) => {
-            let text = crate::data::read_scoring_text(path, "eval.ppl_text")?;
-            let name = path.display().to_string();
-            Some(crate::eval::perplexity::perplexity(
-                model,
-                tok,
-                &text,
-                &name,
-                &crate::eval::perplexity::PerplexityOptions {
-                    max_len: spec.ppl_max_len,
-                    bos: spec.bos,
-                    batch_size: spec.batch_size,
-                    max_tokens: spec.ppl_max_tokens,
-                },
-            )?)
-        }
-        _ => None,
+    let perplexity = match spec.ppl() {
+        Some(ppl) => Some(ppl.score(model, tok, "eval.ppl_text")?),
+        None => None,
     };
     let mut protocols = Vec::new();
     let mut records = Vec::new();
@@ -159,23 +136,5 @@ pub fn run_eval(
         perplexity,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_reports(&report, &records, run_dir)?;
-    Ok(report)
-}
-
-/// Writes `eval-<label>.json`, `.md` and `.jsonl` into `dir` (created if needed).
-pub fn write_reports(report: &EvalReport, records: &[QuestionRecord], dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let base = format!("eval-{}", report.label);
-    fsx::write_json(&dir.join(format!("{base}.json")), report)?;
-    fsx::atomic_write(
-        &dir.join(format!("{base}.md")),
-        report.to_markdown().as_bytes(),
-    )?;
-    let mut lines = String::new();
-    for r in records {
-        lines.push_str(&serde_json::to_string(r)?);
-        lines.push('\n');
-    }
-    fsx::atomic_write(&dir.join(format!("{base}.jsonl")), lines.as_bytes())
+    Ok(EvalRun { report, records })
 }

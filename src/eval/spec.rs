@@ -1,5 +1,6 @@
 //! The `eval` stage's settings.
 
+use super::perplexity::PplSpec;
 use crate::data::Task;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -65,15 +66,11 @@ pub struct EvalSpec {
     #[serde(default)]
     pub ppl_text: Option<PathBuf>,
     /// `ppl`: chunk length in tokens.
-    #[serde(default = "default_ppl_max_len")]
+    #[serde(default = "super::perplexity::default_max_len")]
     pub ppl_max_len: usize,
     /// `ppl`: score only the first N tokens of `ppl_text`.
     #[serde(default)]
     pub ppl_max_tokens: Option<usize>,
-}
-
-fn default_ppl_max_len() -> usize {
-    256
 }
 
 fn default_data_dir() -> PathBuf {
@@ -171,6 +168,20 @@ impl EvalSpec {
         self.tasks.contains(&EvalTask::Ppl)
     }
 
+    /// The `ppl` task's settings, when `ppl` is among the tasks: `ppl_text` scored with
+    /// the stage's `bos` and `batch_size`.
+    pub fn ppl(&self) -> Option<PplSpec> {
+        let text = self.ppl_text.clone().filter(|_| self.wants_ppl())?;
+        Some(PplSpec {
+            text,
+            max_tokens: self.ppl_max_tokens,
+            max_len: self.ppl_max_len,
+            bos: self.bos,
+            batch_size: self.batch_size,
+            label: None,
+        })
+    }
+
     /// A spec with every default: `tasks` on `data_dir`, the `content` protocol.
     pub fn new(label: &str, tasks: impl IntoIterator<Item = impl Into<EvalTask>>) -> Self {
         Self {
@@ -185,7 +196,7 @@ impl EvalSpec {
             max_new_tokens: default_max_new_tokens(),
             bos: default_bos(),
             ppl_text: None,
-            ppl_max_len: default_ppl_max_len(),
+            ppl_max_len: super::perplexity::default_max_len(),
             ppl_max_tokens: None,
         }
     }

@@ -7,7 +7,7 @@
 use crate::adapters::merge::merged_weight;
 use crate::fsx;
 use crate::model::schema::{layer_prefix, LayerNorm, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
-use crate::model::{dtype_name, LoadedModel};
+use crate::model::{dtype_name, DtypeName, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -82,11 +82,7 @@ pub fn export_config(loaded: &LoadedModel, dtype: DType) -> Result<serde_json::V
         serde_json::json!(["LlamaForCausalLM"]),
     );
     obj.insert("model_type".into(), "llama".into());
-    let torch_dtype = match dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    };
+    let torch_dtype = DtypeName::of(dtype).unwrap_or_default().torch_name();
     obj.insert("torch_dtype".into(), torch_dtype.into());
     Ok(v)
 }

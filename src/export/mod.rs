@@ -4,8 +4,7 @@
 pub mod merged;
 
 use crate::adapters::{peft, AttachSpec};
-use crate::model::{self, LoadedModel, ModelSource};
-use crate::pipeline::spec::DtypeName;
+use crate::model::{self, DtypeName, LoadedModel, ModelSource};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};

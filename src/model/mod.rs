@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod dtype;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
@@ -18,6 +19,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{LayerShape, LlamaConfig};
+pub use dtype::{dtype_name, DtypeName};
 pub use llama::{KvCache, Llama};
 pub use tokenizer::TextTokenizer;
 pub use weights::Weights;
@@ -93,25 +95,6 @@ pub struct LoadedModel {
     pub source: ModelSource,
     /// The local folder of a folder or hub source (export copies tokenizer files from it).
     pub folder: Option<PathBuf>,
-}
-
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" | "float32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f16" | "float16" => Ok(DType::F16),
-        other => bail!("dtype `{other}` is not supported; use f32, bf16 or f16"),
-    }
-}
-
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F64 => "f64",
-        _ => "other",
-    }
 }
 
 /// Loads weights, config and tokenizer from any source into `dtype` on `device`.

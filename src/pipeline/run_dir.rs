@@ -1,18 +1,36 @@
 //! The run folder: every output of a run, and `manifest.json` describing it (the
-//! resolved pipeline, versions, seed, start/end times, per-stage wall time).
+//! resolved pipeline, versions, seed, start/end times, per stage its wall time and the
+//! files it wrote). Readers of a run (`report.md`, `recover sweep`) find its files
+//! through the manifest.
 
 use super::spec::PipelineSpec;
 use crate::fsx;
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct StageTiming {
+/// One finished stage in `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Its position in `stages:`.
     pub index: usize,
     pub stage: String,
     pub started_at: String,
     pub wall_s: f64,
+    /// Its JSON report (`eval-before.json`), when it has one.
+    #[serde(default)]
+    pub report: Option<String>,
+    /// Every file and folder it wrote, its reports first: relative to the run folder when
+    /// inside it (`eval-before.md`, `checkpoints`), else as given (an export elsewhere).
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+/// What a stage wrote, for its [`StageRecord`].
+#[derive(Debug, Clone, Default)]
+pub struct Written {
+    pub report: Option<String>,
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,7 +47,9 @@ pub struct Manifest {
     pub cpu_threads: usize,
     pub pipeline_file: String,
     pub pipeline: PipelineSpec,
-    pub stages: Vec<StageTiming>,
+    pub stages: Vec<StageRecord>,
+    /// Files the runner wrote for the run as a whole (`report.md`, its chart).
+    pub files: Vec<String>,
 }
 
 pub struct RunDir {
@@ -68,6 +88,7 @@ impl RunDir {
             pipeline_file: pipeline_file.display().to_string(),
             pipeline: spec.clone(),
             stages: Vec::new(),
+            files: Vec::new(),
         };
         let run = Self {
             path,
@@ -93,14 +114,27 @@ impl RunDir {
         stage: &str,
         started_at: String,
         wall_s: f64,
+        written: Written,
     ) -> Result<()> {
-        self.manifest.stages.push(StageTiming {
+        self.manifest.stages.push(StageRecord {
             index,
             stage: stage.to_string(),
             started_at,
             wall_s,
+            report: written.report,
+            files: written.files,
         });
         self.write_manifest()
+    }
+
+    /// The stages finished so far.
+    pub fn stages(&self) -> &[StageRecord] {
+        &self.manifest.stages
+    }
+
+    /// Records a file written for the whole run.
+    pub fn record_file(&mut self, name: &str) {
+        self.manifest.files.push(name.to_string());
     }
 
     pub fn finish(&mut self, error: Option<String>) -> Result<()> {
@@ -122,4 +156,18 @@ impl RunDir {
     fn write_manifest(&self) -> Result<()> {
         fsx::write_json(&self.file("manifest.json"), &self.manifest)
     }
+}
+
+/// The finished stages of the run in `dir`, from its `manifest.json`.
+pub fn read_stage_records(dir: &Path) -> Result<Vec<StageRecord>> {
+    #[derive(Deserialize)]
+    struct Stages {
+        stages: Vec<StageRecord>,
+    }
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let m: Stages = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a run manifest", path.display()))?;
+    Ok(m.stages)
 }

@@ -3,8 +3,9 @@
 //! any work starts.
 
 use crate::adapters::AttachSpec;
-use crate::eval::EvalSpec;
+use crate::eval::{EvalSpec, PplSpec};
 use crate::export::ExportSpec;
+use crate::model::DtypeName;
 use crate::prune::PruneSpec;
 use crate::train::FinetuneSpec;
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,9 +27,11 @@ pub struct PipelineSpec {
     #[serde(default)]
     pub run_dir: Option<PathBuf>,
     pub stages: Vec<Stage>,
-    /// Read by `recover sweep` only: the grid of overrides to run this pipeline over.
+    /// Read by `recover sweep` only (`sweep::SweepSpec::of` parses it): the grid of
+    /// overrides to run this pipeline over. Kept as written so that the pipeline does not
+    /// depend on the sweep that runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sweep: Option<crate::sweep::SweepSpec>,
+    pub sweep: Option<Value>,
 }
 
 fn default_seed() -> u64 {
@@ -41,25 +44,6 @@ pub enum DeviceKind {
     #[default]
     Cpu,
     Cuda,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeName {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DtypeName {
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::Bf16 => candle_core::DType::BF16,
-            Self::F16 => candle_core::DType::F16,
-        }
-    }
 }
 
 /// One item of `stages:`, written as a one-key mapping: `- load: {model: ...}`.
@@ -88,6 +72,27 @@ impl Stage {
             Stage::Finetune(_) => "finetune",
             Stage::Export(_) => "export",
         }
+    }
+
+    /// The base name of the stage's report files, the one place report files are named:
+    /// `eval-<label>`, `ppl[-<label>]`, `inspect[-<label>]`, else the stage's name
+    /// (`attach`, `finetune`, `export`, `prune`).
+    pub fn report_base(&self) -> String {
+        let label = match self {
+            Stage::Inspect(Some(i)) => i.label.as_deref(),
+            Stage::Ppl(p) => p.label.as_deref(),
+            Stage::Eval(e) => Some(e.label.as_str()),
+            _ => None,
+        };
+        match label {
+            Some(l) => format!("{}-{l}", self.name()),
+            None => self.name().to_string(),
+        }
+    }
+
+    /// `report_base().ext`: `eval-before.json`, `ppl.md`...
+    pub fn report_file(&self, ext: &str) -> String {
+        format!("{}.{ext}", self.report_base())
     }
 }
 
@@ -173,35 +178,6 @@ pub struct InspectSpec {
     /// Suffix of the report files (`inspect-<label>.json`); default `inspect.json`.
     #[serde(default)]
     pub label: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PplSpec {
-    /// A UTF-8 text file, or an LLM-Adapters `.json` (its instructions are scored).
-    pub text: PathBuf,
-    /// Score only the first N tokens of the text.
-    #[serde(default)]
-    pub max_tokens: Option<usize>,
-    #[serde(default = "default_max_len")]
-    pub max_len: usize,
-    #[serde(default = "default_true")]
-    pub bos: bool,
-    #[serde(default = "default_ppl_batch")]
-    pub batch_size: usize,
-    /// Suffix of the report files (`ppl-<label>.json`); default `ppl.json`.
-    #[serde(default)]
-    pub label: Option<String>,
-}
-
-pub fn default_max_len() -> usize {
-    256
-}
-fn default_true() -> bool {
-    true
-}
-fn default_ppl_batch() -> usize {
-    4
 }
 
 impl PipelineSpec {
@@ -306,17 +282,9 @@ impl PipelineSpec {
                 _ => {}
             }
         }
-        if let Some(sweep) = &self.sweep {
-            sweep.validate().context("sweep")?;
-        }
         for stage in &self.stages {
             if let Stage::Ppl(p) = stage {
-                if p.max_len < 2 {
-                    bail!("ppl.max_len must be at least 2 (got {})", p.max_len);
-                }
-                if p.batch_size == 0 {
-                    bail!("ppl.batch_size must be at least 1");
-                }
+                p.validate()?;
             }
         }
         Ok(())

@@ -3,44 +3,35 @@
 
 use crate::eval::perplexity::PerplexityReport;
 use crate::eval::Protocol;
-use crate::pipeline::runner::report_json;
+use crate::pipeline::run_dir::read_stage_records;
 use crate::pipeline::spec::{PipelineSpec, Stage};
 use crate::report::compare::read_report;
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The reports of a pipeline that the metrics come from.
+/// The stages of a pipeline that the metrics come from, by their index in `stages:`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sources {
-    /// `eval-<label>.json` of the last `eval` stage with a commonsense task.
-    pub accuracy: Option<String>,
-    /// The report of the last `ppl` stage, or of an `eval` stage with the `ppl` task,
-    /// whichever comes last.
-    pub ppl: Option<PplReport>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum PplReport {
-    /// `ppl-<label>.json`.
-    Ppl(String),
-    /// `eval-<label>.json` with its `perplexity`.
-    Eval(String),
+    /// The last `eval` stage with a commonsense task.
+    pub accuracy: Option<usize>,
+    /// The last `ppl` stage, or `eval` stage with the `ppl` task, whichever comes last.
+    pub ppl: Option<usize>,
 }
 
 pub fn sources(spec: &PipelineSpec) -> Sources {
     let mut found = Sources::default();
-    for stage in &spec.stages {
+    for (i, stage) in spec.stages.iter().enumerate() {
         match stage {
             Stage::Eval(e) => {
                 if e.wants_ppl() {
-                    found.ppl = report_json(stage).map(PplReport::Eval);
+                    found.ppl = Some(i);
                 }
                 if e.tasks.len() > usize::from(e.wants_ppl()) {
-                    found.accuracy = report_json(stage);
+                    found.accuracy = Some(i);
                 }
             }
-            Stage::Ppl(_) => found.ppl = report_json(stage).map(PplReport::Ppl),
+            Stage::Ppl(_) => found.ppl = Some(i),
             _ => {}
         }
     }
@@ -67,12 +58,27 @@ pub struct Metrics {
     pub ppl_from: Option<String>,
 }
 
-/// Reads the metrics of the run of `spec` in `run_dir`.
+/// Reads the metrics of the run of `spec` in `run_dir`, from the reports its manifest
+/// lists.
 pub fn read(run_dir: &Path, spec: &PipelineSpec) -> Result<Metrics> {
     let sources = sources(spec);
+    let records = read_stage_records(run_dir)?;
+    let report_of = |index: usize| {
+        records
+            .iter()
+            .find(|r| r.index == index)
+            .and_then(|r| r.report.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: stages[{index}] has no report",
+                    run_dir.join("manifest.json").display()
+                )
+            })
+    };
     let mut m = Metrics::default();
-    if let Some(file) = &sources.accuracy {
-        let report = read_report(&run_dir.join(file), None)?.report;
+    if let Some(index) = sources.accuracy {
+        let file = report_of(index)?;
+        let report = read_report(&run_dir.join(&file), None)?.report;
         let chosen = report
             .protocol(Protocol::Content)
             .or(report.protocols.first());
@@ -80,27 +86,28 @@ pub fn read(run_dir: &Path, spec: &PipelineSpec) -> Result<Metrics> {
             m.accuracy = Some(p.average);
             m.protocol = Some(p.protocol.name().to_string());
             m.tasks = p.tasks.iter().map(|t| t.column.clone()).collect();
-            m.accuracy_from = Some(file.clone());
+            m.accuracy_from = Some(file);
         }
     }
-    let ppl = match &sources.ppl {
-        Some(PplReport::Eval(file)) => read_report(&run_dir.join(file), None)?
-            .report
-            .perplexity
-            .map(|p| (p.perplexity, file)),
-        Some(PplReport::Ppl(file)) => {
-            let path = run_dir.join(file);
+    if let Some(index) = sources.ppl {
+        let file = report_of(index)?;
+        let path = run_dir.join(&file);
+        let ppl = if let Some(Stage::Eval(_)) = spec.stages.get(index) {
+            read_report(&path, None)?
+                .report
+                .perplexity
+                .map(|p| p.perplexity)
+        } else {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             let report: PerplexityReport = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a perplexity report", path.display()))?;
-            Some((report.perplexity, file))
+            Some(report.perplexity)
+        };
+        if let Some(ppl) = ppl {
+            m.ppl = Some(ppl);
+            m.ppl_from = Some(file);
         }
-        None => None,
-    };
-    if let Some((ppl, file)) = ppl {
-        m.ppl = Some(ppl);
-        m.ppl_from = Some(file.clone());
     }
     Ok(m)
 }

@@ -12,6 +12,6 @@ pub mod run;
 pub mod spec;
 pub mod summary;
 
-pub use run::{plan, run_sweep};
+pub use run::{block_plan, plan, run_sweep};
 pub use spec::{Axis, Grid, Metric, SweepSpec};
 pub use summary::SweepSummary;

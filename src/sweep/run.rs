@@ -115,9 +115,22 @@ pub fn plan(file: &Path, overrides: &[String], cli: &SweepSpec) -> Result<String
     Ok(md)
 }
 
+/// What `recover --pipeline FILE --dry-run` adds to the plan for the pipeline's
+/// `sweep:` block `block`: every run it would make, checked.
+pub fn block_plan(block: Option<&SweepSpec>, file: &Path, overrides: &[String]) -> Result<String> {
+    match block {
+        None => Ok(String::new()),
+        Some(sweep) if sweep.grids.is_empty() => Ok(
+            "\nThe `sweep:` block has no grids; `recover sweep --grid KEY=V1,V2` gives them.\n"
+                .to_string(),
+        ),
+        Some(_) => plan(file, overrides, &SweepSpec::default()),
+    }
+}
+
 fn prepare(file: &Path, overrides: &[String], cli: &SweepSpec) -> Result<Prepared> {
     let base = PipelineSpec::from_file(file, overrides)?;
-    let sweep = base.sweep.clone().unwrap_or_default().overlay(cli);
+    let sweep = SweepSpec::of(&base, file)?.unwrap_or_default().overlay(cli);
     sweep.validate().context("sweep")?;
     if sweep.grids.is_empty() {
         bail!(

@@ -3,10 +3,11 @@
 //! layout of the summary.
 
 use super::pivot::Layout;
-use anyhow::{bail, Result};
+use crate::pipeline::PipelineSpec;
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +198,38 @@ const RESERVED: &[(&str, &str)] = &[
 ];
 
 impl SweepSpec {
+    /// The `sweep:` block of the pipeline `spec` read from `file`, checked; `None` when
+    /// it has none. The pipeline keeps the block as written; it is read here, by the
+    /// sweep.
+    pub fn of(spec: &PipelineSpec, file: &Path) -> Result<Option<SweepSpec>> {
+        let Some(block) = &spec.sweep else {
+            return Ok(None);
+        };
+        let sweep: SweepSpec = serde_yaml_ng::from_value(block.clone())
+            .map_err(|e| {
+                // A value tree has no line numbers: the file itself gives an error that
+                // has them, unless merge keys or overrides make it differ.
+                #[derive(Deserialize)]
+                struct Block {
+                    #[allow(dead_code)]
+                    sweep: Option<SweepSpec>,
+                }
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                match serde_yaml_ng::from_str::<Block>(&text) {
+                    Err(with_line) if !with_line.to_string().contains("`<<`") => {
+                        anyhow!("{with_line}")
+                    }
+                    _ => anyhow!("sweep: {e}"),
+                }
+            })
+            .with_context(|| format!("invalid pipeline {}", file.display()))?;
+        sweep
+            .validate()
+            .context("sweep")
+            .with_context(|| format!("invalid pipeline {}", file.display()))?;
+        Ok(Some(sweep))
+    }
+
     /// The command line's settings over the pipeline's: each one given replaces the
     /// pipeline's. Grids from the command line come with their own layout: the
     /// pipeline's `rows`, `columns` and `best_of` name the axes of its own grids.

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Settings of the `finetune` stage. Defaults are DoRA's commonsense recipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,6 +171,10 @@ pub struct FinetuneReport {
     pub tokens_per_s: f64,
     /// The precision the frozen products ran at (`bf16` asked on a CPU without AMX: f32).
     pub matmul_precision: MatmulPrecision,
+    /// What training wrote into the run folder itself (log, checkpoints, loss curve):
+    /// for the manifest, not part of `finetune.json`.
+    #[serde(skip)]
+    pub wrote: Vec<PathBuf>,
 }
 
 /// Trains the model's adapters. Outputs go to `run_dir`: `train-log.jsonl`,
@@ -393,7 +397,8 @@ fn train_adapters(
         }
     }
     pb.finish_and_clear();
-    plot_losses(&run_dir.join("loss-curve.svg"), &log)?;
+    let loss_curve = run_dir.join("loss-curve.svg");
+    plot_losses(&loss_curve, &log)?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(FinetuneReport {
         train_examples: train.len(),
@@ -409,6 +414,7 @@ fn train_adapters(
         seconds,
         tokens_per_s: tokens_done as f64 / seconds.max(1e-9),
         matmul_precision: model.matmul_precision(),
+        wrote: vec![log_path, ckpt_root, loss_curve],
     })
 }
 

@@ -97,7 +97,10 @@ pub fn write_tiny_model(dir: &Path, layers: &[TinyLayer], seed: u64) {
         head: Draw::Uniform { half_width: 0.5 },
     };
     let weights = random_weights(&parsed, &init, seed, &Device::Cpu).unwrap();
-    let tensors: HashMap<String, Tensor> = weights.into_map().into_iter().collect();
+    let tensors: HashMap<String, Tensor> = weights
+        .names()
+        .map(|name| (name.clone(), weights.get(name).unwrap().clone()))
+        .collect();
     std::fs::create_dir_all(dir).unwrap();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     std::fs::write(

@@ -1,0 +1,272 @@
+//! The stages: each takes its settings and the [`StageContext`] and returns what it
+//! produced as a [`StageOutput`]. None of them names or writes a report file: the
+//! runner does (see `runner::write_outputs`), for a pipeline run and for the `inspect`,
+//! `ppl`, `eval` and `merge` commands, which run these same functions.
+
+use super::spec::{InspectSpec, LoadSpec};
+use crate::adapters::{self, AttachSpec};
+use crate::eval::{EvalReport, EvalSpec, PplSpec};
+use crate::export::{self, ExportReport, ExportSpec};
+use crate::inspect::ShapeReport;
+use crate::model::{self, LlamaConfig, LoadedModel, ModelSource};
+use crate::progress;
+use crate::prune::{PruneReport, PruneSpec};
+use crate::train::{self, FinetuneReport, FinetuneSpec};
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// What the stages share: the model and what was done to it.
+pub struct StageContext {
+    pub device: Device,
+    pub dtype: DType,
+    pub seed: u64,
+    pub model: Option<LoadedModel>,
+    /// The settings of the attached adapters (resolved from a PEFT folder for `from`).
+    pub attached: Option<AttachSpec>,
+    /// The model's config before `prune` changed it: `inspect`'s default reference.
+    pub dense_config: Option<LlamaConfig>,
+    /// The run folder: `finetune` keeps its log and checkpoints there and relative
+    /// `export` folders live in it. `None` outside a pipeline run (a command): paths
+    /// stay as given.
+    pub run_dir: Option<PathBuf>,
+    /// Continue fine-tuning from the newest checkpoint in the run folder.
+    pub resume: bool,
+}
+
+/// What a stage produced. The runner writes `report` as `<base>.json`, `markdown` as
+/// `<base>.md` (and shows it), each of `extra` as `<base>.<ext>`, and lists them with
+/// `wrote` in the manifest (`<base>` from `Stage::report_base`).
+pub struct StageOutput<R> {
+    pub report: R,
+    pub markdown: Option<String>,
+    /// More report files by extension: eval's per-question `jsonl`.
+    pub extra: Vec<(&'static str, String)>,
+    /// Files and folders the stage wrote itself because they must exist while it runs
+    /// (fine-tuning's log and checkpoints, which resuming reads) or are its product (the
+    /// merged model, the adapter folder).
+    pub wrote: Vec<PathBuf>,
+}
+
+impl<R> StageOutput<R> {
+    /// A report and nothing else.
+    pub fn new(report: R) -> Self {
+        Self {
+            report,
+            markdown: None,
+            extra: Vec::new(),
+            wrote: Vec::new(),
+        }
+    }
+
+    fn with_markdown(mut self, md: String) -> Self {
+        self.markdown = Some(md);
+        self
+    }
+}
+
+impl StageContext {
+    /// A context with no model yet, outside any run folder.
+    pub fn new(device: Device, dtype: DType, seed: u64) -> Self {
+        Self {
+            device,
+            dtype,
+            seed,
+            model: None,
+            attached: None,
+            dense_config: None,
+            run_dir: None,
+            resume: false,
+        }
+    }
+
+    fn model(&self, stage: &str) -> Result<&LoadedModel> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
+    }
+
+    fn model_mut(&mut self, stage: &str) -> Result<&mut LoadedModel> {
+        self.model
+            .as_mut()
+            .ok_or_else(|| anyhow!("stage `{stage}` needs a model; put a `load` stage first"))
+    }
+
+    /// A relative path inside the run folder; as given outside a run.
+    fn in_run_dir(&self, path: &Path) -> PathBuf {
+        match &self.run_dir {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+}
+
+pub fn load(spec: &LoadSpec, ctx: &mut StageContext) -> Result<()> {
+    let source = ModelSource::parse(&spec.model)?;
+    let loaded = model::load(&source, ctx.dtype, &ctx.device)?;
+    progress::line(&format!(
+        "loaded {source}: {} layers, hidden {}, vocab {}",
+        loaded.model.num_layers(),
+        loaded.model.config.hidden_size,
+        loaded.model.config.vocab_size
+    ));
+    ctx.model = Some(loaded);
+    Ok(())
+}
+
+pub fn inspect(spec: &InspectSpec, ctx: &mut StageContext) -> Result<StageOutput<ShapeReport>> {
+    let loaded = ctx.model("inspect")?;
+    // Default reference after a `prune`: the model as it was before.
+    let reference = match (&spec.reference, &ctx.dense_config) {
+        (Some(r), _) => Some((
+            r.clone(),
+            model::read_config_only(r).context("inspect.reference")?,
+        )),
+        (None, Some(dense)) => Some(("the model before pruning".to_string(), dense.clone())),
+        (None, None) => None,
+    };
+    let report = ShapeReport::build(loaded, reference.as_ref().map(|(s, c)| (s.as_str(), c)));
+    let md = report.to_markdown();
+    Ok(StageOutput::new(report).with_markdown(md))
+}
+
+pub fn ppl(
+    spec: &PplSpec,
+    ctx: &mut StageContext,
+) -> Result<StageOutput<crate::eval::perplexity::PerplexityReport>> {
+    let loaded = ctx.model("ppl")?;
+    let report = spec.score(&loaded.model, &loaded.tokenizer, "ppl.text")?;
+    let md = report.to_markdown();
+    Ok(StageOutput::new(report).with_markdown(md))
+}
+
+pub fn attach(
+    spec: &AttachSpec,
+    ctx: &mut StageContext,
+) -> Result<StageOutput<adapters::AttachReport>> {
+    let seed = ctx.seed;
+    let loaded = ctx.model_mut("attach")?;
+    let (resolved, report) = match &spec.from {
+        Some(dir) => adapters::peft::attach_from_folder(&mut loaded.model, dir)?,
+        None => (
+            spec.clone(),
+            adapters::attach(&mut loaded.model, spec, seed)?,
+        ),
+    };
+    ctx.attached = Some(resolved);
+    progress::line(&format!(
+        "attached {:?} (rank {}, alpha {}, γ = {:.4}) to {} projections: {} trainable parameters \
+         ({:.3}% of {})",
+        report.method,
+        report.rank,
+        report.alpha,
+        report.scaling,
+        report.adapted_modules,
+        report.trainable_params,
+        report.trainable_percent,
+        report.model_params
+    ));
+    Ok(StageOutput::new(report))
+}
+
+pub fn finetune(
+    spec: &FinetuneSpec,
+    ctx: &mut StageContext,
+) -> Result<StageOutput<FinetuneReport>> {
+    let (seed, resume) = (ctx.seed, ctx.resume);
+    let run_dir = ctx
+        .run_dir
+        .clone()
+        .context("finetune keeps its log and checkpoints in a run folder; run it in a pipeline")?;
+    let loaded = ctx.model_mut("finetune")?;
+    let report = train::finetune(
+        &mut loaded.model,
+        &loaded.tokenizer,
+        spec,
+        seed,
+        &run_dir,
+        resume,
+    )?;
+    progress::line(&format!(
+        "finetune: {} of {} steps, loss {:.4} → {:.4}{}, {:.0} tokens/s ({} products)",
+        report.steps,
+        report.total_steps,
+        report.first_loss.unwrap_or(f64::NAN),
+        report.last_loss.unwrap_or(f64::NAN),
+        report
+            .val_loss
+            .map_or(String::new(), |v| format!(", val loss {v:.4}")),
+        report.tokens_per_s,
+        report.matmul_precision
+    ));
+    let wrote = report.wrote.clone();
+    Ok(StageOutput {
+        wrote,
+        ..StageOutput::new(report)
+    })
+}
+
+pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<ExportReport>> {
+    // Relative export folders live in the run folder (`merged/`, `adapter/`).
+    let mut spec = spec.clone();
+    for dir in [&mut spec.merged, &mut spec.adapter].into_iter().flatten() {
+        *dir = ctx.in_run_dir(dir);
+    }
+    let loaded = ctx.model("export")?;
+    let report = export::export(loaded, ctx.attached.as_ref(), &spec)?;
+    if let Some(m) = &report.merged {
+        progress::line(&format!(
+            "merged model ({}, {} shard{}) written to {}",
+            m.dtype,
+            m.shards,
+            if m.shards == 1 { "" } else { "s" },
+            m.dir.display()
+        ));
+    }
+    if let (Some(d), Some(t)) = (report.verify_max_abs_diff, report.verify_tolerance) {
+        progress::line(&format!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"));
+    }
+    if let Some(a) = &report.adapter {
+        progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
+    }
+    for w in &report.warnings {
+        progress::line(&format!("warning: {w}"));
+    }
+    let wrote = report
+        .merged
+        .iter()
+        .map(|m| m.dir.clone())
+        .chain(report.adapter.clone())
+        .collect();
+    Ok(StageOutput {
+        wrote,
+        ..StageOutput::new(report)
+    })
+}
+
+pub fn prune(spec: &PruneSpec, ctx: &mut StageContext) -> Result<StageOutput<PruneReport>> {
+    let loaded = ctx.model_mut("prune")?;
+    let mut dense = loaded.model.config.clone();
+    dense.layer_shapes = Some(loaded.model.layer_shapes.clone());
+    let report = crate::prune::prune(&mut loaded.model, &loaded.tokenizer, spec)?;
+    ctx.dense_config.get_or_insert(dense);
+    progress::line(&format!(
+        "pruned {:.1}% of the parameters ({} → {}) using {} calibration tokens",
+        100.0 * report.pruned_ratio,
+        report.params_before,
+        report.params_after,
+        report.calibration_tokens
+    ));
+    Ok(StageOutput::new(report))
+}
+
+pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalReport>> {
+    let loaded = ctx.model("eval")?;
+    let run = crate::eval::run_eval(spec, &loaded.model, &loaded.tokenizer, ctx.seed)?;
+    let jsonl = run.records_jsonl()?;
+    let md = run.report.to_markdown();
+    Ok(StageOutput {
+        extra: vec![("jsonl", jsonl)],
+        ..StageOutput::new(run.report).with_markdown(md)
+    })
+}
