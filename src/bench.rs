@@ -1,23 +1,23 @@
 //! `recover bench`: micro-benchmarks of the library's own building blocks.
 //!
-//! `recover bench train` times one LoRA training step exactly as the `finetune` stage runs
-//! it (forward with an attention mask, shifted next-token loss, backward, the adapters'
-//! gradients, the global gradient norm with clipping at 1.0, AdamW) on a fixed LLaMA shape
-//! with seeded random weights built in memory, so it needs no files. Its peer in PyTorch +
-//! PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
+//! `recover bench train` times the `finetune` stage's own training step,
+//! [`crate::train::Trainer::step`] (forward with an attention mask, shifted next-token
+//! loss, backward, the adapters' gradients, the global gradient norm with clipping at 1.0,
+//! AdamW), on one fixed batch of a fixed LLaMA shape with seeded random weights built in
+//! memory, so it needs no files. Its peer in PyTorch + PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
 //!
 //! `--shape` picks the model's shape for both `train` and `eval` (see [`BenchShape`]): the
 //! small reference shape, or SmolLM2-135M's.
 
 use crate::adapters::{self, AttachSpec, Method, MODULES};
-use crate::model::loss::masked_mean_nll_from_hidden;
+use crate::data::Example;
 use crate::model::random::{random_weights, RandomInit};
 use crate::model::{Llama, LlamaConfig};
 use crate::nn::frozen::MatmulPrecision;
-use crate::nn::Mode;
-use crate::train::optim::{AdamW, AdamWConfig};
-use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use crate::train::schedule::LrSchedule;
+use crate::train::{Batch, FinetuneSpec, Objective, Trainer};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::{Args, Subcommand, ValueEnum};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -575,61 +575,56 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
             spec.matmul_precision
         );
     }
-    let vars = adapters::trainable_vars(&model);
-    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
-
     // One fixed batch of random ids, unpadded: the attention mask is all ones and every
-    // shifted position is a target, as `finetune` collates a full-length batch.
+    // shifted position is a target, as `finetune` collates a full-length batch. One
+    // micro-batch per step, the learning rate constant.
     let (b, t) = (spec.batch, spec.seq_len);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed.wrapping_add(1));
-    let ids: Vec<u32> = (0..b * t)
-        .map(|_| rng.random_range(0..spec.vocab as u32))
+    let examples: Vec<Example> = (0..b)
+        .map(|_| Example {
+            ids: (0..t)
+                .map(|_| rng.random_range(0..spec.vocab as u32))
+                .collect(),
+            targets: vec![true; t],
+        })
         .collect();
-    let ids = Tensor::from_vec(ids, (b, t), &device)?;
-    let mask = Tensor::ones((b, t), candle_core::DType::U32, &device)?;
-    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
-    let target_mask = Tensor::ones((b, t - 1), candle_core::DType::F32, &device)?;
+    let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), &device)?;
+    let schedule = FinetuneSpec {
+        batch_size: b,
+        micro_batch_size: b,
+        learning_rate: spec.learning_rate,
+        warmup_steps: 0,
+        lr_scheduler: LrSchedule::Constant,
+        max_grad_norm: spec.max_grad_norm,
+        max_steps: Some(spec.warmup + spec.steps),
+        ..FinetuneSpec::default()
+    };
+    let mut trainer = Trainer::from_examples(
+        &model,
+        &schedule,
+        spec.seed,
+        Objective::NextToken,
+        examples,
+        Vec::new(),
+    )?;
     let rss_after_setup_bytes = proc_status_bytes("VmRSS");
 
     let mut step_s = Vec::with_capacity(spec.steps);
     let mut phases: [Vec<f64>; 3] = Default::default();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     for step in 0..spec.warmup + spec.steps {
-        let t0 = Instant::now();
-        let mode = Mode::train(spec.seed ^ ((step as u64) << 16));
-        let hidden = model
-            .forward_hidden(&ids, Some(&mask), None, mode)?
-            .narrow(1, 0, t - 1)?;
-        let (loss, _) = masked_mean_nll_from_hidden(&model, &hidden, &targets, &target_mask)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        let t_forward = t0.elapsed().as_secs_f64();
-        let g = loss.backward()?;
-        let t_backward = t0.elapsed().as_secs_f64();
-        let grads: Vec<Tensor> = vars
-            .iter()
-            .map(|(_, v)| {
-                g.get(v.as_tensor())
-                    .cloned()
-                    .map_or_else(|| v.zeros_like(), Ok)
-            })
-            .collect::<candle_core::Result<_>>()?;
-        // Free the graph and every gradient inside the timed step, as the trainer does.
-        drop((g, loss, hidden));
-        let (grads, _) = crate::train::clip_grad_norm(grads, spec.max_grad_norm)?;
-        opt.step(&grads, spec.learning_rate)?;
-        let elapsed = t0.elapsed().as_secs_f64();
-        if !loss_value.is_finite() {
-            bail!("bench train: the loss became {loss_value} at step {step}");
-        }
+        let stats = trainer
+            .step(std::slice::from_ref(&batch))
+            .context("bench train")?;
         if step >= spec.warmup {
-            step_s.push(elapsed);
-            phases[0].push(t_forward);
-            phases[1].push(t_backward - t_forward);
-            phases[2].push(elapsed - t_backward);
+            step_s.push(stats.seconds);
+            phases[0].push(stats.forward_s);
+            phases[1].push(stats.backward_s);
+            phases[2].push(stats.optimizer_s);
             if first_loss.is_nan() {
-                first_loss = loss_value;
+                first_loss = stats.loss;
             }
-            last_loss = loss_value;
+            last_loss = stats.loss;
         }
     }
 

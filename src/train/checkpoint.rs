@@ -23,6 +23,11 @@ pub struct TrainState {
     pub rng: String,
 }
 
+/// The folder of a run's checkpoints, inside its run folder.
+pub fn root(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
 pub fn checkpoint_dir(root: &Path, step: usize) -> PathBuf {
     root.join(format!("step-{step}"))
 }

@@ -1,6 +1,7 @@
 //! AdamW (decoupled weight decay, PyTorch's formulation) with moments we can save and
 //! restore bit for bit. candle-nn's AdamW keeps its state private and defaults to weight
-//! decay 0.01; ours defaults to 0.0 like PEFT recipes.
+//! decay 0.01; ours defaults to 0.0 like PEFT recipes. Also the gradient clipping that
+//! precedes every update.
 
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
@@ -98,4 +99,23 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// PyTorch's `clip_grad_norm_`: the global L2 norm of `grads`, and the gradients scaled
+/// by `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` (0 = no clipping).
+pub fn clip_grad_norm(grads: Vec<Tensor>, max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
+    let mut total = 0f64;
+    for g in &grads {
+        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = total.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        let clipped = grads
+            .iter()
+            .map(|g| g * scale)
+            .collect::<candle_core::Result<_>>()?;
+        return Ok((clipped, norm));
+    }
+    Ok((grads, norm))
 }

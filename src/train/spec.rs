@@ -1,0 +1,149 @@
+//! Settings of the `finetune` stage and their checks.
+
+use super::schedule::LrSchedule;
+use crate::nn::frozen::MatmulPrecision;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Settings of the `finetune` stage. Defaults are DoRA's commonsense recipe; a key left
+/// out of the pipeline file takes its value from [`FinetuneSpec::default`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// LLM-Adapters JSON files (paths or globs).
+    pub data: Vec<String>,
+    /// Plain-text files (paths or globs) for language-model recovery.
+    pub text: Vec<String>,
+    /// Use at most this many examples (a seeded random subset).
+    pub limit: Option<usize>,
+    pub cutoff_len: usize,
+    pub train_on_inputs: bool,
+    /// Examples held out for validation loss (seeded).
+    pub val_set_size: usize,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub lr_scheduler: LrSchedule,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    pub epochs: usize,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<usize>,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Checkpoints to keep (the newest).
+    pub keep_checkpoints: usize,
+    /// Validation loss every N steps (0: only at the end); needs `val_set_size`.
+    pub eval_every: usize,
+    /// Stop after this step as if interrupted (a checkpoint is written), to resume later
+    /// with `--resume`: for time-boxed sessions.
+    pub stop_after: Option<usize>,
+    /// Inputs of the frozen weights' products: `f32`, or `bf16` (on AMX, as PyTorch's
+    /// bf16 autocast rounds them; adapters, attention and the optimizer stay f32). A CPU
+    /// without AMX trains in f32 and says so.
+    pub matmul_precision: MatmulPrecision,
+}
+
+impl Default for FinetuneSpec {
+    /// DoRA's commonsense recipe: cutoff 256, batch 16 of micro-batches 4, lr 2e-4 with
+    /// 100 warmup steps and linear decay, 3 epochs, gradient clipping at 1.0, no weight
+    /// decay.
+    fn default() -> Self {
+        Self {
+            data: Vec::new(),
+            text: Vec::new(),
+            limit: None,
+            cutoff_len: 256,
+            train_on_inputs: true,
+            val_set_size: 0,
+            batch_size: 16,
+            micro_batch_size: 4,
+            learning_rate: 2e-4,
+            weight_decay: 0.0,
+            warmup_steps: 100,
+            lr_scheduler: LrSchedule::default(),
+            max_grad_norm: 1.0,
+            epochs: 3,
+            max_steps: None,
+            save_every: 0,
+            keep_checkpoints: 2,
+            eval_every: 0,
+            stop_after: None,
+            matmul_precision: MatmulPrecision::default(),
+        }
+    }
+}
+
+impl FinetuneSpec {
+    /// Checks the whole spec: a data source, then [`FinetuneSpec::validate_schedule`].
+    pub fn validate(&self) -> Result<()> {
+        if self.data.is_empty() && self.text.is_empty() {
+            bail!("finetune needs `data` (LLM-Adapters JSON files) or `text` (plain text files)");
+        }
+        self.validate_schedule()
+    }
+
+    /// Checks batch sizes, cutoff, learning rate and step count: everything a trainer
+    /// given its examples in memory needs.
+    pub fn validate_schedule(&self) -> Result<()> {
+        if self.batch_size == 0
+            || self.micro_batch_size == 0
+            || !self.batch_size.is_multiple_of(self.micro_batch_size)
+        {
+            bail!(
+                "finetune.batch_size ({}) must be a positive multiple of micro_batch_size ({})",
+                self.batch_size,
+                self.micro_batch_size
+            );
+        }
+        if self.cutoff_len < 2 {
+            bail!("finetune.cutoff_len must be at least 2");
+        }
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 {
+            bail!("finetune.learning_rate must be positive");
+        }
+        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
+            bail!("finetune needs at least one step: set epochs or max_steps above 0");
+        }
+        Ok(())
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn accumulation(&self) -> usize {
+        self.batch_size / self.micro_batch_size
+    }
+
+    /// The learning rate of optimizer step `step` (0-based) of `total_steps`.
+    pub fn lr(&self, step: usize, total_steps: usize) -> f64 {
+        self.lr_scheduler
+            .lr(self.learning_rate, step, self.warmup_steps, total_steps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline that names only its data gets the recipe's values.
+    #[test]
+    fn missing_keys_take_the_recipe_defaults() {
+        let parsed: FinetuneSpec = serde_json::from_str(r#"{"data": ["x.json"]}"#).unwrap();
+        let recipe = FinetuneSpec {
+            data: vec!["x.json".into()],
+            ..FinetuneSpec::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&parsed).unwrap(),
+            serde_json::to_value(&recipe).unwrap()
+        );
+        assert_eq!(parsed.cutoff_len, 256);
+        assert_eq!((parsed.batch_size, parsed.micro_batch_size), (16, 4));
+        assert_eq!(parsed.learning_rate, 2e-4);
+        assert_eq!((parsed.warmup_steps, parsed.epochs), (100, 3));
+        assert_eq!((parsed.max_grad_norm, parsed.weight_decay), (1.0, 0.0));
+        assert!(parsed.train_on_inputs);
+        assert_eq!(parsed.keep_checkpoints, 2);
+    }
+}
