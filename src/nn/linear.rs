@@ -107,16 +107,3 @@ impl Linear {
         }
     }
 }
-
-/// `x Wᵀ` for `x` of any rank (..., in) and `w` (out, in), as one 2-D matmul.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let out = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims
-        .last_mut()
-        .expect("matmul_t input has at least one dim") = w.dim(0)?;
-    Ok(out.reshape(out_dims)?)
-}

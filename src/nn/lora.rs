@@ -2,9 +2,8 @@
 //! `alpha / sqrt(r)` (RoRA, PEFT's `use_rslora`).
 
 use super::dropout::{self, to_f32};
-use super::frozen::{frozen_matmul_t, FrozenWeight};
+use super::frozen::{frozen_matmul_t, matmul_t, FrozenWeight};
 use super::fused;
-use super::linear::matmul_t;
 use super::mode::Mode;
 use anyhow::Result;
 use candle_core::{Tensor, Var};

@@ -8,6 +8,7 @@
 pub mod grid;
 pub mod metrics;
 pub mod pivot;
+pub mod record;
 pub mod run;
 pub mod spec;
 pub mod summary;

@@ -2,18 +2,10 @@
 //! of the columns axis; each cell the mean over the repeats with their spread, after
 //! reducing the `best_of` axes to the value with the best mean.
 
-use super::spec::Metric;
-use super::summary::{RunRecord, Status};
-use serde::{Deserialize, Serialize};
+use super::record::{RunRecord, Status};
+use super::spec::{Layout, Metric};
+use serde::Serialize;
 use std::collections::BTreeMap;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Layout {
-    pub rows: String,
-    pub columns: Option<String>,
-    pub best_of: Vec<String>,
-    pub metric: Metric,
-}
 
 /// A metric over the repeats of one configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

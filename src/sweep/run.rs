@@ -6,8 +6,9 @@
 use super::grid::{expand, Run};
 use super::metrics;
 use super::pivot::pivot;
+use super::record::{RunRecord, Status};
 use super::spec::{Axis, Metric, SweepSpec};
-use super::summary::{RunRecord, Status, SweepSummary};
+use super::summary::SweepSummary;
 use crate::pipeline::runner::{check, run_pipeline, RunOptions};
 use crate::pipeline::PipelineSpec;
 use crate::progress;

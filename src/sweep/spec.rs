@@ -2,7 +2,6 @@
 //! grids of `--set` overrides to run the pipeline with, the repeats averaged over, and the
 //! layout of the summary.
 
-use super::pivot::Layout;
 use crate::pipeline::PipelineSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -59,6 +58,16 @@ impl Metric {
             Metric::Ppl => a < b,
         }
     }
+}
+
+/// How `sweep.md` pivots the runs: the rows axis, the columns axis, the axes reduced to
+/// their best mean, and the metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layout {
+    pub rows: String,
+    pub columns: Option<String>,
+    pub best_of: Vec<String>,
+    pub metric: Metric,
 }
 
 /// One grid: its axes in the order written.

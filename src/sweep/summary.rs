@@ -4,47 +4,16 @@
 
 use super::grid::short_name;
 use super::metrics::Metrics;
-use super::pivot::{pivot, Layout, Pivot, PivotCell, Stats};
-use super::spec::Metric;
+use super::pivot::{pivot, Pivot, PivotCell, Stats};
+use super::record::{RunRecord, Status};
+use super::spec::{Layout, Metric};
 use crate::fsx;
 use crate::report::plot::{line_chart_on, Series, XAxis};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Not run yet (the sweep is still going, or was interrupted before it).
-    Pending,
-    Ok,
-    Failed,
-}
-
-/// One run of the sweep, as `sweep.json` lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    /// Its folder's name.
-    pub name: String,
-    pub run_dir: PathBuf,
-    /// The grid axes' values (YAML text).
-    pub cell: BTreeMap<String, String>,
-    /// The repeat axes' values.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub repeat: BTreeMap<String, String>,
-    pub status: Status,
-    /// Finished by an earlier `recover sweep`, not run again.
-    #[serde(default)]
-    pub reused: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wall_s: Option<f64>,
-    #[serde(flatten)]
-    pub metrics: Metrics,
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepSummary {
