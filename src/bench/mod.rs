@@ -1,0 +1,205 @@
+//! `recover bench`: micro-benchmarks of the library's own building blocks.
+//!
+//! `recover bench train` times the `finetune` stage's own training step,
+//! [`crate::train::Trainer::step`] (forward with an attention mask, shifted next-token
+//! loss, backward, the adapters' gradients, the global gradient norm with clipping at 1.0,
+//! AdamW), on one fixed batch of a fixed LLaMA shape with seeded random weights built in
+//! memory, so it needs no files. Its peer in PyTorch + PEFT is `benches/peers/peft_train.py` (same shape, same keys in its JSON).
+//!
+//! `--shape` picks the model's shape for both `train` and `eval` (see [`BenchShape`]): the
+//! small reference shape, or SmolLM2-135M's.
+
+mod eval;
+mod measure;
+mod shape;
+mod train;
+
+pub use eval::{bench_eval, EvalBenchReport, EvalBenchSpec};
+pub use shape::{BenchModelArgs, BenchShape};
+pub use train::{bench_train, TrainBenchReport, TrainBenchSpec};
+
+use crate::nn::frozen::MatmulPrecision;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time LoRA training steps (forward, loss, backward, AdamW) on a fixed random model
+    /// (`--shape default`: hidden 512, 6 layers, 8 heads, MLP 1376; `--shape smollm2`:
+    /// SmolLM2-135M's), batch 8 × 128 tokens, rank-8 LoRA on all 7 projections.
+    /// Threads: RAYON_NUM_THREADS (default: all cores).
+    Train(BenchTrainArgs),
+    /// Time multiple-choice scoring (the `choice` protocol's work: each question's prompt
+    /// once, then every option from its KV cache) on the same random model: 64 questions
+    /// of a 96-token prompt and 4 options of 4 tokens, 8 questions per batch.
+    Eval(BenchEvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEvalArgs {
+    /// Timed passes over the questions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Questions per pass.
+    #[arg(long, default_value_t = 64)]
+    pub questions: usize,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
+    /// Sequences per step [default: 8].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence [default: 128].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// LoRA rank (alpha stays 2 × rank) [default: 8].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Inputs of the frozen weights' products: `bf16` runs them on AMX from bf16 inputs
+    /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
+    #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
+    pub matmul_precision: MatmulPrecision,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchTrainArgs {
+    /// The spec these arguments ask for.
+    pub fn spec(&self) -> TrainBenchSpec {
+        let base = self.model.spec();
+        let rank = self.rank.unwrap_or(base.rank);
+        TrainBenchSpec {
+            steps: self.steps,
+            warmup: self.warmup,
+            batch: self.batch.unwrap_or(base.batch),
+            seq_len: self.seq_len.unwrap_or(base.seq_len),
+            rank,
+            alpha: base.alpha / base.rank as f64 * rank as f64,
+            matmul_precision: self.matmul_precision,
+            ..base
+        }
+    }
+}
+
+impl BenchEvalArgs {
+    /// The spec these arguments ask for.
+    pub fn spec(&self) -> EvalBenchSpec {
+        EvalBenchSpec {
+            runs: self.runs,
+            questions: self.questions,
+            model: self.model.spec(),
+            ..EvalBenchSpec::default()
+        }
+    }
+}
+
+/// Runs a parsed `recover bench ...` command.
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Train(a) => {
+            let report = bench_train(&a.spec())?;
+            print_report(&report, &report.to_markdown(), a.json)
+        }
+        BenchCommand::Eval(a) => {
+            let report = bench_eval(&a.spec())?;
+            print_report(&report, &report.to_markdown(), a.json)
+        }
+    }
+}
+
+/// One JSON object with `--json`, else the Markdown table.
+fn print_report(report: &impl Serialize, markdown: &str, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{markdown}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `recover bench <train|eval> ...` parsed as the CLI parses it.
+    fn parse(args: &[&str]) -> Result<BenchCommand, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: BenchCommand,
+        }
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn shape_flag_selects_the_preset_and_vocab_overrides_it() {
+        let train = |args: &[&str]| match parse(args).unwrap() {
+            BenchCommand::Train(a) => a.spec(),
+            other => panic!("{other:?}"),
+        };
+        let eval = |args: &[&str]| match parse(args).unwrap() {
+            BenchCommand::Eval(a) => a.spec().model,
+            other => panic!("{other:?}"),
+        };
+        // No flag: the reference shape, untied.
+        for s in [train(&["train"]), eval(&["eval"])] {
+            assert_eq!(s.shape, BenchShape::Default);
+            assert_eq!((s.hidden, s.layers, s.heads, s.kv_heads), (512, 6, 8, 8));
+            assert_eq!((s.intermediate, s.vocab), (1376, 1000));
+            assert!(!s.tie_word_embeddings);
+        }
+        // SmolLM2-135M's config.json, same batch and LoRA.
+        for s in [
+            train(&["train", "--shape", "smollm2", "--steps", "1"]),
+            eval(&["eval", "--shape", "smollm2"]),
+        ] {
+            assert_eq!(s.shape, BenchShape::Smollm2);
+            assert_eq!((s.hidden, s.layers, s.heads, s.kv_heads), (576, 30, 9, 3));
+            assert_eq!((s.intermediate, s.vocab), (1536, 49152));
+            assert!(s.tie_word_embeddings);
+            assert_eq!((s.rms_norm_eps, s.rope_theta), (1e-5, 100_000.0));
+            assert_eq!((s.batch, s.seq_len, s.rank), (8, 128, 8));
+            assert!(s.describe_shape().starts_with("smollm2 (hidden 576"));
+        }
+        assert_eq!(
+            train(&["train", "--shape", "smollm2", "--vocab", "1000"]).vocab,
+            1000
+        );
+        assert_eq!(eval(&["eval", "--vocab", "32000"]).vocab, 32000);
+        assert_eq!(
+            train(&["train", "--shape", "default"]).shape,
+            BenchShape::Default
+        );
+        // The JSON names the shape.
+        let json = serde_json::to_value(train(&["train", "--shape", "smollm2"])).unwrap();
+        assert_eq!(json["shape"], "smollm2");
+        // Unknown shapes are refused with the choices listed.
+        let err = parse(&["eval", "--shape", "llama7b"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default") && err.contains("smollm2"), "{err}");
+    }
+}

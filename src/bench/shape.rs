@@ -1,0 +1,136 @@
+//! The benchmarked model's shape: the `--shape` presets, the model arguments both
+//! benchmarks share, and the seeded random model (and random token ids) they run.
+
+use super::TrainBenchSpec;
+use crate::model::random::{random_weights, RandomInit};
+use crate::model::{Llama, LlamaConfig};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use rand::Rng;
+use serde::Serialize;
+
+/// The benchmarked model's shape (`--shape`). Batch, sequence and LoRA settings are the
+/// same for every shape; only the model changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchShape {
+    /// The reference shape: hidden 512, 6 layers, 8 heads (8 kv), MLP 1376, vocab 1000,
+    /// untied head, RMSNorm eps 1e-6, RoPE theta 10000 (`LlamaConfig`'s defaults).
+    #[default]
+    Default,
+    /// SmolLM2-135M's `config.json`: hidden 576, 30 layers, 9 heads (3 kv), MLP 1536,
+    /// vocab 49152, head tied to the embeddings, RMSNorm eps 1e-5, RoPE theta 100000,
+    /// 8192 positions.
+    Smollm2,
+}
+
+impl BenchShape {
+    /// The `--shape` value that selects this shape.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Smollm2 => "smollm2",
+        }
+    }
+
+    /// The benchmark spec at this shape, with the default schedule (batch 8 × 128, LoRA r8).
+    pub fn spec(self) -> TrainBenchSpec {
+        let base = TrainBenchSpec::default();
+        match self {
+            Self::Default => base,
+            Self::Smollm2 => TrainBenchSpec {
+                shape: self,
+                hidden: 576,
+                layers: 30,
+                heads: 9,
+                kv_heads: 3,
+                intermediate: 1536,
+                vocab: 49152,
+                tie_word_embeddings: true,
+                rms_norm_eps: 1e-5,
+                rope_theta: 100_000.0,
+                max_position_embeddings: 8192,
+                ..base
+            },
+        }
+    }
+}
+
+/// The model both benchmarks build.
+#[derive(Debug, Args)]
+pub struct BenchModelArgs {
+    /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
+    #[arg(long, value_enum, default_value_t = BenchShape::Default)]
+    pub shape: BenchShape,
+    /// Vocabulary size [default: the shape's, 1000 or 49152] (32000 for a LLaMA-2-sized
+    /// output head).
+    #[arg(long)]
+    pub vocab: Option<usize>,
+}
+
+impl BenchModelArgs {
+    /// The shape's spec, with `--vocab` over its vocabulary.
+    pub fn spec(&self) -> TrainBenchSpec {
+        let shape = self.shape.spec();
+        TrainBenchSpec {
+            vocab: self.vocab.unwrap_or(shape.vocab),
+            ..shape
+        }
+    }
+}
+
+impl TrainBenchSpec {
+    /// The model's shape in words, for the reports: `smollm2 (hidden 576, ...)`.
+    pub fn describe_shape(&self) -> String {
+        format!(
+            "{} (hidden {}, {} layers, {} heads ({} kv), MLP {}, vocab {}, {} head, \
+             RMSNorm eps {:e}, RoPE theta {})",
+            self.shape.name(),
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.intermediate,
+            self.vocab,
+            if self.tie_word_embeddings {
+                "tied"
+            } else {
+                "untied"
+            },
+            self.rms_norm_eps,
+            self.rope_theta,
+        )
+    }
+}
+
+/// The benchmark's model: a Hugging Face `LlamaForCausalLM` of the spec's shape (head tied
+/// or not, RMSNorm eps, RoPE theta as the spec says), weights ~ N(0, 0.02²) from a seeded
+/// ChaCha stream, norms 1. A tied head is the embedding matrix itself (no `lm_head.weight`).
+pub(super) fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Llama> {
+    if spec.heads == 0 || spec.kv_heads == 0 || !spec.hidden.is_multiple_of(spec.heads) {
+        bail!("bench train: hidden must be a multiple of the head count");
+    }
+    let config = LlamaConfig::from_json_str(
+        &serde_json::json!({
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "vocab_size": spec.vocab,
+            "max_position_embeddings": spec.seq_len.max(spec.max_position_embeddings),
+            "rms_norm_eps": spec.rms_norm_eps,
+            "rope_theta": spec.rope_theta,
+            "tie_word_embeddings": spec.tie_word_embeddings,
+        })
+        .to_string(),
+    )?;
+    let weights = random_weights(&config, &RandomInit::hugging_face(), spec.seed, device)?;
+    Llama::from_weights(config, &weights)
+}
+
+/// `len` token ids drawn uniformly from `0..vocab`, in order from `rng`.
+pub(super) fn random_ids(rng: &mut impl Rng, len: usize, vocab: u32) -> Vec<u32> {
+    (0..len).map(|_| rng.random_range(0..vocab)).collect()
+}
