@@ -140,6 +140,10 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long, default_value = "eval")]
     pub label: String,
+    /// Put BOS before every prompt and context (default: what the model's tokenizer
+    /// does, `add_bos_token`).
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub bos: Option<bool>,
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -215,9 +219,9 @@ pub struct PplArgs {
     /// Chunk length in tokens (including BOS when it is prepended).
     #[arg(long, default_value_t = 256)]
     pub max_len: usize,
-    /// Prepend the BOS token to every chunk.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub bos: bool,
+    /// Prepend the BOS token to every chunk (default: what the model's tokenizer does).
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub bos: Option<bool>,
     /// Chunks per forward pass.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -379,6 +383,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     spec.limit = a.limit;
     spec.batch_size = a.batch_size;
     spec.data_dir = a.data_dir;
+    spec.bos = a.bos;
     spec.validate()?;
     let mut ctx = loaded(&a.model, a.dtype.parse()?, 0)?;
     if let Some(dir) = &a.adapter {

@@ -46,7 +46,7 @@ fn smollm2_content_is_above_chance_on_arc_easy_and_piqa() {
     spec.data_dir = common::shared_dir().join("data/commonsense");
     spec.limit = Some(limit);
     spec.protocol = vec![Protocol::Content];
-    spec.bos = std::env::var("RORA_EVAL_BOS").is_ok_and(|v| v == "1");
+    spec.bos = std::env::var("RORA_EVAL_BOS").ok().map(|v| v == "1");
     let report = run_eval(&spec, &loaded.model, &loaded.tokenizer, 42)
         .unwrap()
         .report;

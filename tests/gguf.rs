@@ -303,6 +303,42 @@ fn a_tokenizer_json_in_the_metadata_wins() {
     }
 }
 
+/// `tokenizer.ggml.add_bos_token` is the tokenizer's BOS default (absent: BOS first), and
+/// evaluation without `bos` follows it: a file saying false is scored exactly as with
+/// `bos: false`, and differently from `bos: true`.
+#[test]
+fn add_bos_token_false_means_eval_puts_no_bos() {
+    use rora::eval::{run_eval, EvalSpec, Protocol};
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = write_stories_gguf(tmp.path());
+    let m = model::load(&ModelSource::Gguf(plain), DType::F32, &Device::Cpu).unwrap();
+    assert!(m.tokenizer.add_bos(), "no key: BOS first");
+    let mut spec = stories_gguf_spec();
+    spec.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    let path = tmp.path().join("no-bos.gguf");
+    spec.write(&path);
+    let m = model::load(&ModelSource::Gguf(path), DType::F32, &Device::Cpu).unwrap();
+    assert!(!m.tokenizer.add_bos());
+    let scores = |bos: Option<bool>| {
+        let mut spec = EvalSpec::new("g", [rora::data::Task::BoolQ]);
+        spec.data_dir = shared_dir().join("data/commonsense");
+        spec.limit = Some(3);
+        spec.protocol = vec![Protocol::Content];
+        spec.bos = bos;
+        let run = run_eval(&spec, &m.model, &m.tokenizer, 0).unwrap();
+        let s: Vec<Vec<f64>> = run
+            .records
+            .iter()
+            .map(|r| r.scores.clone().unwrap())
+            .collect();
+        (s, run.report.bos)
+    };
+    let (by_default, recorded) = scores(None);
+    assert!(!recorded);
+    assert_eq!(by_default, scores(Some(false)).0);
+    assert_ne!(by_default, scores(Some(true)).0);
+}
+
 #[test]
 fn per_layer_head_counts_and_pruned_layers() {
     // Layer 1 pruned to 4 query heads / 2 kv heads and a narrower MLP, with per-layer
@@ -715,6 +751,8 @@ fn smollm2_gguf_perplexity() {
         1,
         "special tokens are matched whole"
     );
+    // Its `tokenizer.ggml.add_bos_token` is false: SmolLM2 adds no BOS.
+    assert!(!tok.add_bos());
 
     // Perplexity: mean next-token cross-entropy over the paragraph, the first token
     // predicted from <|endoftext|> (SmolLM2's document separator, id 0).

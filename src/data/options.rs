@@ -1,6 +1,7 @@
 //! Reading a question back out of an LLM-Adapters instruction: the allowed labels (the
 //! `Answer format:` line), the question text after the task's lead-in, and each option's
-//! text (`Answer1: … Answer2: …`, `Solution1:`, `Ending1:`, `Option1:`).
+//! text (`Answer1: … Answer2: …`, `Solution1:`, `Ending1:`, `Option1:`); and HellaSwag's
+//! text cleaning, which evaluation and the `answers` data format share.
 
 use super::tasks::Task;
 
@@ -116,9 +117,37 @@ pub fn parse_instruction(task: Task, instruction: &str) -> Result<ParsedQuestion
     })
 }
 
+/// lm-evaluation-harness's HellaSwag `preprocess`: drops ` [title]`/`[header]`-style
+/// tags and collapses double spaces (a no-op on the cleaned `test_preprocessed.json`).
+pub fn hellaswag_preprocess(text: &str) -> String {
+    let text = text.trim().replace(" [title]", ". ");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(']') {
+            Some(close) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[open + close + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out.replace("  ", " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preprocess_drops_wikihow_tags() {
+        assert_eq!(
+            hellaswag_preprocess("Care: [header] How to x [title] Obtain y [step] Do z."),
+            "Care: How to x. Obtain y Do z."
+        );
+        assert_eq!(hellaswag_preprocess(" plain  text "), "plain text");
+    }
 
     #[test]
     fn winogrande_has_no_blank_line_before_the_format() {

@@ -123,16 +123,25 @@ impl Task {
         }
     }
 
+    /// The task whose lead-in starts `instruction`. SIQA, ARC-Easy, ARC-Challenge and
+    /// OpenBookQA share theirs (and their labels): nothing in such an item tells them
+    /// apart, and it comes back as `SocialIqa`, the first of them in [`Task::ALL`].
+    pub fn detect(instruction: &str) -> Option<Task> {
+        Task::ALL
+            .into_iter()
+            .find(|t| instruction.starts_with(t.lead_in()))
+    }
+
     /// `<data_dir>/<task>/test.json`; for HellaSwag, `test_preprocessed.json` when the raw
     /// `test.json` is absent (see the data's SOURCES.md).
     pub fn test_file(self, data_dir: &Path) -> Result<PathBuf> {
         let dir = data_dir.join(self.name());
-        let test = dir.join("test.json");
+        let test = dir.join(TEST_FILE_NAMES[0]);
         if test.is_file() {
             return Ok(test);
         }
         if self == Task::HellaSwag {
-            let pre = dir.join("test_preprocessed.json");
+            let pre = dir.join(TEST_FILE_NAMES[1]);
             if pre.is_file() {
                 return Ok(pre);
             }
@@ -144,4 +153,15 @@ impl Task {
         }
         bail!("task {}: {} does not exist", self.name(), test.display())
     }
+}
+
+/// The file names [`Task::test_file`] looks for.
+const TEST_FILE_NAMES: [&str; 2] = ["test.json", "test_preprocessed.json"];
+
+/// Whether `path` is named like a task's test file (`test.json`, `test_preprocessed.json`):
+/// training data must not be one (the training sets are `train.json`, `train_l.json`...).
+pub fn is_test_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| TEST_FILE_NAMES.contains(&n))
 }

@@ -11,26 +11,9 @@
 //! - WinoGrande, partial scoring: context = the sentence up to `_` with the option put in,
 //!   continuation = ` ` + the rest of the sentence after `_`, trimmed (the same for both).
 
+pub use crate::data::options::hellaswag_preprocess;
 use crate::data::{Question, Task};
 use anyhow::{bail, Result};
-
-/// lm-evaluation-harness's HellaSwag `preprocess`.
-pub fn hellaswag_preprocess(text: &str) -> String {
-    let text = text.trim().replace(" [title]", ". ");
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(open) = rest.find('[') {
-        match rest[open..].find(']') {
-            Some(close) => {
-                out.push_str(&rest[..open]);
-                rest = &rest[open + close + 1..];
-            }
-            None => break,
-        }
-    }
-    out.push_str(rest);
-    out.replace("  ", " ")
-}
 
 /// `(context, continuation)` per allowed label of `q`.
 pub fn content_pairs(q: &Question) -> Result<Vec<(String, String)>> {
@@ -67,18 +50,4 @@ pub fn content_pairs(q: &Question) -> Result<Vec<(String, String)>> {
                 .collect()
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn preprocess_drops_wikihow_tags() {
-        assert_eq!(
-            hellaswag_preprocess("Care: [header] How to x [title] Obtain y [step] Do z."),
-            "Care: How to x. Obtain y Do z."
-        );
-        assert_eq!(hellaswag_preprocess(" plain  text "), "plain text");
-    }
 }

@@ -63,8 +63,10 @@ pub struct PplSpec {
     pub max_tokens: Option<usize>,
     #[serde(default = "default_max_len")]
     pub max_len: usize,
-    #[serde(default = "default_true")]
-    pub bos: bool,
+    /// BOS before every chunk; left out: what the tokenizer does by itself (see
+    /// `TextTokenizer::add_bos`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos: Option<bool>,
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Suffix of the `ppl` stage's report files (`ppl-<label>.json`); default `ppl.json`.
@@ -74,9 +76,6 @@ pub struct PplSpec {
 
 pub fn default_max_len() -> usize {
     256
-}
-fn default_true() -> bool {
-    true
 }
 fn default_batch_size() -> usize {
     4
@@ -89,7 +88,7 @@ impl PplSpec {
             text,
             max_tokens: None,
             max_len: default_max_len(),
-            bos: true,
+            bos: None,
             batch_size: default_batch_size(),
             label: None,
         }
@@ -106,10 +105,11 @@ impl PplSpec {
         Ok(())
     }
 
-    pub fn options(&self) -> PerplexityOptions {
+    /// How the text is cut and scored with `tokenizer` (which resolves a missing `bos`).
+    pub fn options(&self, tokenizer: &TextTokenizer) -> PerplexityOptions {
         PerplexityOptions {
             max_len: self.max_len,
-            bos: self.bos,
+            bos: tokenizer.resolve_bos(self.bos),
             batch_size: self.batch_size,
             max_tokens: self.max_tokens,
         }
@@ -128,7 +128,7 @@ impl PplSpec {
             tokenizer,
             &text,
             &self.text.display().to_string(),
-            &self.options(),
+            &self.options(tokenizer),
         )
     }
 }

@@ -27,8 +27,8 @@ pub fn answer_batch(
 ) -> Result<BatchOutcome> {
     match protocol {
         Protocol::Generate => generate_answers(model, tok, spec, batch),
-        Protocol::Choice => choice_answers(model, tok, spec.bos, batch),
-        Protocol::Content => content_answers(model, tok, spec.bos, batch),
+        Protocol::Choice => choice_answers(model, tok, spec.bos_for(tok), batch),
+        Protocol::Content => content_answers(model, tok, spec.bos_for(tok), batch),
     }
 }
 
@@ -57,7 +57,7 @@ pub fn generate_answers(
 ) -> Result<BatchOutcome> {
     let prompts = batch
         .iter()
-        .map(|q| tok.encode(&evaluation_prompt(&q.instruction), spec.bos))
+        .map(|q| tok.encode(&evaluation_prompt(&q.instruction), spec.bos_for(tok)))
         .collect::<Result<Vec<_>>>()?;
     let gens = generate_batch(
         model,

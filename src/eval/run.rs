@@ -129,7 +129,7 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
         limit: spec.limit,
         sample: spec.sample,
         seed,
-        bos: spec.bos,
+        bos: spec.bos_for(tok),
         num_beams: spec.num_beams,
         max_new_tokens: spec.max_new_tokens,
         protocols,

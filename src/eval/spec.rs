@@ -2,6 +2,7 @@
 
 use super::perplexity::PplSpec;
 use crate::data::Task;
+use crate::model::TextTokenizer;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
@@ -60,8 +61,11 @@ pub struct EvalSpec {
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
     /// Put the tokenizer's BOS token (when it has one) before every prompt and context.
-    #[serde(default = "default_bos")]
-    pub bos: bool,
+    /// Left out: what the tokenizer does by itself (`add_bos_token` of the model folder's
+    /// `tokenizer_config.json`, `tokenizer.ggml.add_bos_token` of a GGUF), as
+    /// lm-evaluation-harness does; the report records the value used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos: Option<bool>,
     /// The text for the `ppl` task (perplexity, language-modelling recovery).
     #[serde(default)]
     pub ppl_text: Option<PathBuf>,
@@ -87,9 +91,6 @@ fn default_num_beams() -> usize {
 }
 fn default_max_new_tokens() -> usize {
     32
-}
-fn default_bos() -> bool {
-    true
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Protocol>, D::Error> {
@@ -163,13 +164,18 @@ impl<'de> Deserialize<'de> for EvalTask {
 }
 
 impl EvalSpec {
+    /// The `bos` setting resolved for `tok`: as given, else the tokenizer's default.
+    pub fn bos_for(&self, tok: &TextTokenizer) -> bool {
+        tok.resolve_bos(self.bos)
+    }
+
     /// Whether `ppl` is among the tasks.
     pub fn wants_ppl(&self) -> bool {
         self.tasks.contains(&EvalTask::Ppl)
     }
 
     /// The `ppl` task's settings, when `ppl` is among the tasks: `ppl_text` scored with
-    /// the stage's `bos` and `batch_size`.
+    /// the stage's `bos` (resolved against the tokenizer when scored) and `batch_size`.
     pub fn ppl(&self) -> Option<PplSpec> {
         let text = self.ppl_text.clone().filter(|_| self.wants_ppl())?;
         Some(PplSpec {
@@ -194,7 +200,7 @@ impl EvalSpec {
             protocol: default_protocols(),
             num_beams: default_num_beams(),
             max_new_tokens: default_max_new_tokens(),
-            bos: default_bos(),
+            bos: None,
             ppl_text: None,
             ppl_max_len: super::perplexity::default_max_len(),
             ppl_max_tokens: None,

@@ -114,7 +114,8 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
             }
             let tokenizer =
                 TextTokenizer::from_file(&tok_path, config.bos_token_id(), config.eos_token_ids())?;
-            (config, weights, tokenizer)
+            let add_bos = folder_add_bos(dir, &tokenizer)?;
+            (config, weights, tokenizer.with_add_bos(add_bos))
         }
         (_, None) => unreachable!("only GGUF sources have no folder"),
     };
@@ -126,6 +127,32 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
         source: source.clone(),
         folder,
     })
+}
+
+/// Whether the folder's tokenizer puts BOS first, as `transformers` decides it:
+/// `add_bos_token` in `tokenizer_config.json`; without that key, what `tokenizer.json`'s
+/// post-processor does; without a post-processor, yes (rora's default, and a Llama
+/// tokenizer's).
+fn folder_add_bos(dir: &Path, tokenizer: &TextTokenizer) -> Result<bool> {
+    let path = dir.join("tokenizer_config.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        match json.get("add_bos_token") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Bool(b)) => return Ok(*b),
+            Some(other) => bail!(
+                "{}: `add_bos_token` should be true or false, found {other}",
+                path.display()
+            ),
+        }
+    }
+    let Some(bos) = tokenizer.bos_id() else {
+        return Ok(false);
+    };
+    Ok(tokenizer.post_processor_adds(bos)?.unwrap_or(true))
 }
 
 /// Reads only a config: a `config.json` path, a model folder, a GGUF header, or a hub id

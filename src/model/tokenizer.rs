@@ -1,5 +1,7 @@
 //! The model's tokenizer, with BOS/EOS handled explicitly: callers say whether a BOS
-//! token goes first, whatever post-processor the tokenizer file carries.
+//! token goes first, whatever post-processor the tokenizer file carries. What the
+//! tokenizer itself would do (its `add_bos_token`) is kept as [`TextTokenizer::add_bos`],
+//! the default of evaluation's `bos`.
 
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
@@ -9,11 +11,53 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Vec<u32>,
+    /// Whether the tokenizer puts BOS first by its own configuration.
+    add_bos: bool,
 }
 
 impl TextTokenizer {
+    /// A tokenizer whose default is to put BOS first (rora's default before the loaders
+    /// told it otherwise: see [`TextTokenizer::with_add_bos`]).
     pub fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Vec<u32>) -> Self {
-        Self { inner, bos, eos }
+        Self {
+            inner,
+            bos,
+            eos,
+            add_bos: true,
+        }
+    }
+
+    /// The same tokenizer with `add_bos` as its own default (what its configuration says:
+    /// `add_bos_token` of a folder, `tokenizer.ggml.add_bos_token` of a GGUF).
+    pub fn with_add_bos(mut self, add_bos: bool) -> Self {
+        self.add_bos = add_bos;
+        self
+    }
+
+    /// Whether this tokenizer puts BOS first by default: its configuration's
+    /// `add_bos_token`, and never when the model has no BOS token.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// `requested`, or the tokenizer's own default when `None`: how the `bos` settings of
+    /// evaluation and perplexity are resolved.
+    pub fn resolve_bos(&self, requested: Option<bool>) -> bool {
+        requested.unwrap_or_else(|| self.add_bos())
+    }
+
+    /// Whether `tokenizer.json` itself puts `bos` first: its post-processor's output for
+    /// a one-letter text. `None` when the file has no post-processor (then a
+    /// `transformers` tokenizer class decides, as a Llama tokenizer adding BOS does).
+    pub fn post_processor_adds(&self, bos: u32) -> Result<Option<bool>> {
+        if self.inner.get_post_processor().is_none() {
+            return Ok(None);
+        }
+        let with = self
+            .inner
+            .encode("a", true)
+            .map_err(|e| anyhow!("tokenizer failed on a test text: {e}"))?;
+        Ok(Some(with.get_ids().first() == Some(&bos)))
     }
 
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {

@@ -1,6 +1,7 @@
 //! Settings of the `finetune` stage and their checks.
 
 use super::schedule::LrSchedule;
+use crate::data::DataFormat;
 use crate::nn::frozen::MatmulPrecision;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,13 @@ pub struct FinetuneSpec {
     pub data: Vec<String>,
     /// Plain-text files (paths or globs) for language-model recovery.
     pub text: Vec<String>,
+    /// How `data` items become text: `instructions` (LLM-Adapters' prompt, the papers'
+    /// recipe) or `answers` (the question with its correct answer written out).
+    pub data_format: DataFormat,
+    /// Concatenate the examples (EOS after each) into rows of exactly `cutoff_len`
+    /// tokens, every position a target, the last partial row dropped; `limit` and
+    /// `val_set_size` then count rows.
+    pub packing: bool,
     /// Use at most this many examples (a seeded random subset).
     pub limit: Option<usize>,
     pub cutoff_len: usize,
@@ -54,6 +62,8 @@ impl Default for FinetuneSpec {
         Self {
             data: Vec::new(),
             text: Vec::new(),
+            data_format: DataFormat::default(),
+            packing: false,
             limit: None,
             cutoff_len: 256,
             train_on_inputs: true,
@@ -81,6 +91,17 @@ impl FinetuneSpec {
     pub fn validate(&self) -> Result<()> {
         if self.data.is_empty() && self.text.is_empty() {
             bail!("finetune needs `data` (LLM-Adapters JSON files) or `text` (plain text files)");
+        }
+        if !self.train_on_inputs {
+            // Only the instruction template has a prompt to leave out of the loss.
+            if self.packing {
+                bail!("finetune.packing makes every token a target; it cannot go with train_on_inputs: false");
+            }
+            if self.data_format == DataFormat::Answers && !self.data.is_empty() {
+                bail!(
+                    "finetune.data_format: answers has no prompt to mask; remove train_on_inputs: false"
+                );
+            }
         }
         self.validate_schedule()
     }
@@ -145,5 +166,7 @@ mod tests {
         assert_eq!((parsed.max_grad_norm, parsed.weight_decay), (1.0, 0.0));
         assert!(parsed.train_on_inputs);
         assert_eq!(parsed.keep_checkpoints, 2);
+        assert_eq!(parsed.data_format, DataFormat::Instructions);
+        assert!(!parsed.packing);
     }
 }

@@ -9,10 +9,12 @@ use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::spec::FinetuneSpec;
 use crate::adapters::trainable_vars;
 use crate::data::{
-    expand_globs, instruction_example, read_instruction_file, text_examples, Example,
+    expand_globs, is_test_file, item_document, item_example, pack, read_instruction_file,
+    text_document, text_examples, Example,
 };
 use crate::model::{Llama, TextTokenizer};
 use crate::nn::Mode;
+use crate::progress;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
@@ -348,18 +350,71 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// Every example of the spec's data: items in `data_format` and chunks of the text
+/// files, or (`packing`) all of them as documents packed into `cutoff_len` rows.
 fn load_examples(tok: &TextTokenizer, spec: &FinetuneSpec) -> Result<Vec<Example>> {
-    let mut out = Vec::new();
+    let mut items = Vec::new();
     for path in expand_globs(&spec.data, "finetune.data")? {
-        for (i, item) in read_instruction_file(&path)?.iter().enumerate() {
+        if is_test_file(&path) {
+            bail!(
+                "finetune.data {} is named like a task's test file; training on the questions                  evaluation asks would make the evaluation meaningless (use the train files)",
+                path.display()
+            );
+        }
+        items.push((read_instruction_file(&path)?, path));
+    }
+    let at = |path: &Path, i: usize| format!("{} item {i}", path.display());
+    let texts = expand_globs(&spec.text, "finetune.text")?;
+    if spec.packing {
+        let Some(&eos) = tok.eos_ids().first() else {
+            bail!("finetune.packing puts EOS between examples, but the model's tokenizer has no EOS token");
+        };
+        let mut documents = Vec::new();
+        for (file, path) in &items {
+            for (i, item) in file.iter().enumerate() {
+                documents
+                    .push(item_document(tok, item, spec.data_format).with_context(|| at(path, i))?);
+            }
+        }
+        for path in &texts {
+            documents.push(text_document(tok, path)?);
+        }
+        let packed = pack(&documents, eos, spec.cutoff_len);
+        if packed.rows.is_empty() {
+            bail!(
+                "finetune.packing: the data has {} tokens, fewer than one row of cutoff_len {}",
+                packed.stream_tokens,
+                spec.cutoff_len
+            );
+        }
+        progress::line(&format!(
+            "finetune: packed {} documents ({} tokens) into {} rows of {} tokens; the last {} \
+             tokens (a partial row) are left out",
+            documents.len(),
+            packed.stream_tokens,
+            packed.rows.len(),
+            spec.cutoff_len,
+            packed.dropped_tokens
+        ));
+        return Ok(packed.rows);
+    }
+    let mut out = Vec::new();
+    for (file, path) in &items {
+        for (i, item) in file.iter().enumerate() {
             out.push(
-                instruction_example(tok, item, spec.cutoff_len, spec.train_on_inputs)
-                    .with_context(|| format!("{} item {i}", path.display()))?,
+                item_example(
+                    tok,
+                    item,
+                    spec.data_format,
+                    spec.cutoff_len,
+                    spec.train_on_inputs,
+                )
+                .with_context(|| at(path, i))?,
             );
         }
     }
-    for path in expand_globs(&spec.text, "finetune.text")? {
-        out.extend(text_examples(tok, &path, spec.cutoff_len)?);
+    for path in &texts {
+        out.extend(text_examples(tok, path, spec.cutoff_len)?);
     }
     out.retain(|e| e.targets.iter().any(|&t| t));
     if out.is_empty() {

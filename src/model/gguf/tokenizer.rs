@@ -17,7 +17,8 @@ const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
 /// The tokenizer of the GGUF file at `path`: its `tokenizer.huggingface.json` when it has
-/// one, else rebuilt from the `tokenizer.ggml.*` metadata.
+/// one, else rebuilt from the `tokenizer.ggml.*` metadata; BOS first by default unless
+/// `tokenizer.ggml.add_bos_token` says false (SmolLM2's files do).
 pub(super) fn build(
     path: &Path,
     md: &HashMap<String, Value>,
@@ -26,6 +27,16 @@ pub(super) fn build(
     let meta = Meta { md, path };
     let bos = config.bos_token_id();
     let eos = config.eos_token_ids();
+    // llama.cpp's own switch; files without it get rora's default (BOS first).
+    let add_bos = meta
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(true);
+    Ok(rebuild(&meta, bos, eos)?.with_add_bos(add_bos))
+}
+
+/// The tokenizer itself, from `tokenizer.huggingface.json` or the `tokenizer.ggml.*` keys.
+fn rebuild(meta: &Meta, bos: Option<u32>, eos: Vec<u32>) -> Result<TextTokenizer> {
+    let path = meta.path;
     if let Some(json) = meta.opt_str("tokenizer.huggingface.json")? {
         let inner = tokenizers::Tokenizer::from_str(json).map_err(|e| {
             anyhow!(
@@ -37,8 +48,8 @@ pub(super) fn build(
     }
     let model = meta.str("tokenizer.ggml.model")?;
     let json = match model {
-        "gpt2" => gpt2_tokenizer_json(&meta)?,
-        "llama" => llama_tokenizer_json(&meta)?,
+        "gpt2" => gpt2_tokenizer_json(meta)?,
+        "llama" => llama_tokenizer_json(meta)?,
         other => bail!(
             "GGUF file {} has a `{other}` tokenizer (tokenizer.ggml.model); rora can build \
              `gpt2` (byte-level BPE) and `llama` (sentencepiece) tokenizers",
