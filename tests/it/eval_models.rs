@@ -2,7 +2,6 @@
 //! scoring each full sequence alone; cached, left-padded generation equals recomputing
 //! the whole sequence each step; the eval stage's three reports.
 
-mod common;
 
 use rora::data::prompt::evaluation_prompt;
 use rora::data::{load_task, Question, Task};
@@ -15,7 +14,7 @@ use rora::pipeline::{runner::write_outputs, stages, Stage, StageContext};
 use std::path::PathBuf;
 
 fn data_dir() -> PathBuf {
-    common::shared_dir().join("data/commonsense")
+    crate::common::shared_dir().join("data/commonsense")
 }
 
 fn questions(task: Task, n: usize) -> Vec<Question> {
@@ -49,7 +48,7 @@ fn check_against_full(model: &rora::model::Llama, cands: &[Vec<Candidate>], batc
 
 #[test]
 fn choice_batched_equals_full_sequences_on_20_questions() {
-    let loaded = common::load_stories();
+    let loaded = crate::common::load_stories();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     // 20 questions with 2 to 5 labels: ARC-Easy (with a 5-choice one), PIQA, BoolQ.
     let mut qs = questions(Task::ArcEasy, 8);
@@ -79,7 +78,7 @@ fn choice_batched_equals_full_sequences_on_20_questions() {
 
 #[test]
 fn content_batched_equals_full_sequences() {
-    let loaded = common::load_stories();
+    let loaded = crate::common::load_stories();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     // WinoGrande: contexts differ per option, the continuation is shared; HellaSwag: long
     // endings; SIQA: three options.
@@ -101,7 +100,7 @@ fn content_batched_equals_full_sequences() {
 
 #[test]
 fn cached_left_padded_generation_equals_recomputation() {
-    let loaded = common::load_stories();
+    let loaded = crate::common::load_stories();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let texts = [
         "Once upon a time",
@@ -130,7 +129,7 @@ fn cached_left_padded_generation_equals_recomputation() {
 
 #[test]
 fn beam_search_batched_equals_one_prompt_at_a_time() {
-    let loaded = common::load_stories();
+    let loaded = crate::common::load_stories();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let prompts: Vec<Vec<u32>> = ["Once upon a time", "The dog ran to the park and"]
         .iter()
@@ -153,7 +152,7 @@ fn beam_search_batched_equals_one_prompt_at_a_time() {
 #[test]
 fn eval_stage_writes_the_three_reports() {
     let mut ctx = StageContext::new(candle_core::Device::Cpu, candle_core::DType::F32, 7);
-    ctx.model = Some(common::load_stories());
+    ctx.model = Some(crate::common::load_stories());
     let dir = tempfile::tempdir().unwrap();
     let mut spec = EvalSpec::new(
         "before",

@@ -4,9 +4,8 @@
 //! `eval.bos` defaulting to what the model folder's tokenizer does, with `--bos` on
 //! `recover eval`. (The GGUF side of the BOS default is in tests/gguf.rs.)
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use rora::adapters::{self, AttachSpec};
 use rora::data::{self, DataFormat, InstructionItem};
 use rora::eval::{run_eval, EvalSpec, Protocol};

@@ -1,7 +1,6 @@
 //! Commonsense data: every test file parses with the counts of SOURCES.md, gold labels
 //! are allowed by their format, options parse; answer extraction; bad input.
 
-mod common;
 
 use rora::data::options::answer_format;
 use rora::data::{load_task, load_task_file, Task};
@@ -11,7 +10,7 @@ use rora::eval::EvalSpec;
 use std::path::PathBuf;
 
 fn data_dir() -> PathBuf {
-    common::shared_dir().join("data/commonsense")
+    crate::common::shared_dir().join("data/commonsense")
 }
 
 #[test]

@@ -8,7 +8,6 @@
 //! `RORA_EVAL_LIMIT` (default 200) sets the questions per task. The model is
 //! `$RORA_SMOLLM2_GGUF`, default `~/.cache/rora/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 
-mod common;
 
 use candle_core::{DType, Device};
 use rora::data::Task;
@@ -43,7 +42,7 @@ fn smollm2_content_is_above_chance_on_arc_easy_and_piqa() {
         .unwrap_or(200);
     let loaded = rora::model::load(&ModelSource::Gguf(path), DType::F32, &Device::Cpu).unwrap();
     let mut spec = EvalSpec::new("smollm2", [Task::ArcEasy, Task::Piqa]);
-    spec.data_dir = common::shared_dir().join("data/commonsense");
+    spec.data_dir = crate::common::shared_dir().join("data/commonsense");
     spec.limit = Some(limit);
     spec.protocol = vec![Protocol::Content];
     spec.bos = std::env::var("RORA_EVAL_BOS").ok().map(|v| v == "1");

@@ -1,9 +1,8 @@
 //! `hf:org/name` through a Hugging Face cache folder laid out as hf-hub and
 //! `huggingface-cli download` lay it out (refs/, snapshots/ with links into blobs/).
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::process::Command;
 

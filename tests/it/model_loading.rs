@@ -1,10 +1,9 @@
 //! Loading: sharded folders, non-uniform (pruned) models, the hub cache, and the
 //! perplexity of stories260K on its own text.
 
-mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::*;
+use crate::common::*;
 use rora::model::{self, ModelSource};
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,9 +1,8 @@
 //! The finetune stage: learning a synthetic task, bitwise resume, NaN handling, data
 //! formatting, and the stories-recover pipeline end to end.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use rora::adapters::{self, AttachSpec};
 use rora::data;
 use rora::nn::frozen::MatmulPrecision;

@@ -5,12 +5,11 @@
 //! them; and the real SmolLM2-135M GGUF (fetched by scripts/fetch-smollm2.sh) has a sane
 //! perplexity on English text.
 
-mod common;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use common::*;
+use crate::common::*;
 use rora::model::{self, ModelSource, TextTokenizer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

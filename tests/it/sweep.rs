@@ -1,9 +1,8 @@
 //! `recover sweep` end to end on stories260K: a grid of runs, the summary, skipping
 //! finished runs, resuming unfinished ones, failed runs, and bad axes.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 fn repo_file(name: &str) -> PathBuf {

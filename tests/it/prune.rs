@@ -1,10 +1,9 @@
 //! Structured pruning: the shapes asked for, the right rows and columns removed (checked
 //! against zeroing them in the dense model), and the pruned model exports and reloads.
 
-mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::*;
+use crate::common::*;
 use rora::model::{self, Llama, ModelSource};
 use rora::prune::{self, PruneSpec};
 use std::collections::BTreeSet;

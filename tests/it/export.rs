@@ -1,10 +1,9 @@
 //! Export: merged folders that reload to the same logits, PEFT adapters that round-trip
 //! and look like PEFT's, sharding, and exports that never leave half a folder.
 
-mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use crate::common::*;
 use rora::adapters::{self, peft, AttachSpec, Method};
 use rora::export::{self, ExportSpec};
 use rora::model::DtypeName;

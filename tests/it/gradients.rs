@@ -1,10 +1,9 @@
 //! The forward pass is differentiable where training needs it: gradients from candle's
 //! backward pass against central finite differences, on a tiny non-uniform model.
 
-mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::*;
+use crate::common::*;
 use rora::model::loss::masked_mean_nll;
 use rora::model::{safetensors_dir, Llama, LlamaConfig, Weights};
 use rora::nn::Mode;

@@ -1,9 +1,8 @@
 //! Adapters: scaling, identity at init, gradients against finite differences, merging.
 
-mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 use rora::adapters::{self, AttachSpec, Method};
 use rora::model::loss::masked_mean_nll;

@@ -1,8 +1,7 @@
 //! The `recover` binary end to end: pipelines, run folders, and bad input.
 
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::process::Output;
 

@@ -1,0 +1,20 @@
+//! The integration tests, one binary: each module is one area (as `tests/NAME.rs` files
+//! were), sharing `common`. One binary links candle once instead of once per area.
+
+mod common;
+mod adapters;
+mod cli_pipeline;
+mod eval_models;
+mod eval_smollm2;
+mod eval_tasks;
+mod export;
+mod finetune;
+mod fused;
+mod gguf;
+mod gradients;
+mod hub_cache;
+mod model_loading;
+mod model_reference;
+mod prune;
+mod recovery_data;
+mod sweep;
