@@ -292,3 +292,45 @@ fn dry_run_writes_nothing() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("Trainable: 31.7K"));
     assert!(!run_dir.exists());
 }
+
+#[test]
+fn kd_without_a_teacher_or_a_prune_stage_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = stories_yaml(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd\n",
+    );
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &out,
+        &run_dir,
+        &["stages[2].finetune", "objective kd", "teacher", "prune"],
+    );
+}
+
+#[test]
+fn a_teacher_with_another_vocabulary_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    let layer = TinyLayer {
+        heads: 8,
+        kv_heads: 4,
+        mlp: 96,
+    };
+    write_tiny_model_with_vocab(&teacher, &[layer], 1, 1024);
+    let yaml = stories_yaml(&format!(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd+lm\n      teacher: {}\n",
+        teacher.display()
+    ));
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &out,
+        &run_dir,
+        &[
+            "stages[2].finetune.teacher",
+            &format!("{} has a vocabulary of 1024 tokens", teacher.display()),
+            "stories260K one of 512",
+        ],
+    );
+}
