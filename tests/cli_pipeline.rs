@@ -334,3 +334,32 @@ fn a_teacher_with_another_vocabulary_is_refused_before_any_work() {
         ],
     );
 }
+
+#[test]
+fn a_teacher_with_other_token_strings_is_refused_before_any_training_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = stories_copy(tmp.path());
+    let tok_path = teacher.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let id = vocab.remove("<0x00>").unwrap();
+    vocab.insert("<zz>".into(), id);
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let yaml = stories_yaml(&format!(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd\n      teacher: {}\n",
+        teacher.display()
+    ));
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected failure: {err}");
+    for needle in [
+        "stage `finetune` (stages[2]) failed",
+        "another vocabulary than the student",
+        "token 3 is `<zz>` against `<0x00>`",
+    ] {
+        assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    }
+    assert!(!run_dir.join("train-log.jsonl").exists());
+}
