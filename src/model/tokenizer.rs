@@ -100,6 +100,22 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// How this tokenizer's vocabulary differs from `other`'s (size, or the first id
+    /// whose token string differs), or `None` when both map every id to the same token.
+    pub fn vocabulary_difference(&self, other: &TextTokenizer) -> Option<String> {
+        let (a, b) = (self.vocab_size(), other.vocab_size());
+        if a != b {
+            return Some(format!("{a} tokens against {b}"));
+        }
+        (0..a as u32).find_map(|id| {
+            let (x, y) = (self.inner.id_to_token(id), other.inner.id_to_token(id));
+            (x != y).then(|| {
+                let show = |t: Option<String>| t.map_or("no token".into(), |t| format!("`{t}`"));
+                format!("token {id} is {} against {}", show(x), show(y))
+            })
+        })
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)

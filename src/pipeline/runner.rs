@@ -9,8 +9,9 @@ use super::spec::{PipelineSpec, Stage};
 use super::stages::{self, StageContext, StageOutput};
 use crate::data::expand_globs;
 use crate::fsx;
-use crate::model::ModelSource;
+use crate::model::{self, ModelSource};
 use crate::progress;
+use crate::train::PRE_PRUNE;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde::Serialize;
@@ -39,6 +40,7 @@ pub fn run_pipeline(file: &Path, overrides: &[String], options: RunOptions) -> R
     let mut ctx = StageContext::new(device, spec.dtype.dtype(), spec.seed);
     ctx.run_dir = Some(run.path().to_path_buf());
     ctx.resume = options.resume;
+    ctx.keep_dense_model = spec.needs_pre_prune_teacher();
     let total = spec.stages.len();
     let mut outcome = Ok(());
     for (i, stage) in spec.stages.iter().enumerate() {
@@ -117,9 +119,45 @@ fn preflight_files(spec: &PipelineSpec, dry: bool) -> Result<()> {
             Stage::Finetune(f) => {
                 expand_globs(&f.data, &format!("stages[{i}].finetune.data"))?;
                 expand_globs(&f.text, &format!("stages[{i}].finetune.text"))?;
+                if let Some(teacher) = f.teacher.as_deref().filter(|t| *t != PRE_PRUNE) {
+                    preflight_teacher(spec, teacher, dry)
+                        .with_context(|| format!("stages[{i}].finetune.teacher"))?;
+                }
             }
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// A local teacher must exist; where both configs can be read without downloading
+/// anything, its vocabulary size must be the student's (the tokenizers themselves are
+/// compared when `finetune` loads the teacher).
+fn preflight_teacher(spec: &PipelineSpec, teacher: &str, dry: bool) -> Result<()> {
+    if dry && teacher.starts_with("hf:") {
+        return Ok(());
+    }
+    ModelSource::parse(teacher)?;
+    let Some(Stage::Load(load)) = spec.stages.first() else {
+        return Ok(());
+    };
+    let local = |s: &str| !s.starts_with("hf:");
+    if !(local(teacher) && local(&load.model)) {
+        return Ok(());
+    }
+    let (student, teacher_config) = (
+        model::read_config_only(&load.model)?,
+        model::read_config_only(teacher)?,
+    );
+    if student.vocab_size != teacher_config.vocab_size {
+        bail!(
+            "the teacher {teacher} has a vocabulary of {} tokens, the student {} one of {}; \
+             distillation compares both models' distributions token by token, so the teacher \
+             must use the student's tokenizer",
+            teacher_config.vocab_size,
+            load.model,
+            student.vocab_size
+        );
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::eval::{EvalSpec, PplSpec};
 use crate::export::ExportSpec;
 use crate::model::DtypeName;
 use crate::prune::PruneSpec;
-use crate::train::FinetuneSpec;
+use crate::train::{FinetuneSpec, PRE_PRUNE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
@@ -249,7 +249,7 @@ impl PipelineSpec {
         if self.device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
             bail!("device `cuda` needs a build with `--features cuda`; this build is CPU-only");
         }
-        let mut attached = false;
+        let (mut attached, mut pruned) = (false, false);
         for (i, stage) in self.stages.iter().enumerate() {
             match stage {
                 Stage::Attach(a) => {
@@ -266,6 +266,18 @@ impl PipelineSpec {
                     if !attached {
                         bail!("stages[{i}]: `finetune` trains adapters; put an `attach` stage before it");
                     }
+                    if f.objective.distills()
+                        && f.teacher.as_deref().is_none_or(|t| t == PRE_PRUNE)
+                        && !pruned
+                    {
+                        bail!(
+                            "stages[{i}].finetune: objective {} distils from a teacher: set \
+                             `teacher` to a model (folder, .gguf or hf:org/name), or put a \
+                             `prune` stage before it to distil from the model before pruning \
+                             (`teacher: {PRE_PRUNE}`, the default after a prune)",
+                            f.objective
+                        );
+                    }
                 }
                 Stage::Export(e) => e
                     .validate()
@@ -278,6 +290,7 @@ impl PipelineSpec {
                     if attached {
                         bail!("stages[{i}]: `prune` must come before `attach`");
                     }
+                    pruned = true;
                 }
                 _ => {}
             }
@@ -288,6 +301,15 @@ impl PipelineSpec {
             }
         }
         Ok(())
+    }
+
+    /// Whether a `finetune` distils from the model as `prune` found it, which the run
+    /// must then keep.
+    pub fn needs_pre_prune_teacher(&self) -> bool {
+        self.stages.iter().any(|s| {
+            matches!(s, Stage::Finetune(f) if f.objective.distills()
+                && f.teacher.as_deref().is_none_or(|t| t == PRE_PRUNE))
+        })
     }
 
     pub fn run_dir(&self) -> PathBuf {

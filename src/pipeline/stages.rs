@@ -8,11 +8,11 @@ use crate::adapters::{self, AttachSpec};
 use crate::eval::{EvalReport, EvalSpec, PplSpec};
 use crate::export::{self, ExportReport, ExportSpec};
 use crate::inspect::ShapeReport;
-use crate::model::{self, LlamaConfig, LoadedModel, ModelSource};
+use crate::model::{self, Llama, LlamaConfig, LoadedModel, ModelSource};
 use crate::progress;
 use crate::prune::{PruneReport, PruneSpec};
-use crate::train::{self, FinetuneReport, FinetuneSpec};
-use anyhow::{anyhow, Context, Result};
+use crate::train::{self, FinetuneReport, FinetuneSpec, Objective, PRE_PRUNE};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,12 @@ pub struct StageContext {
     pub attached: Option<AttachSpec>,
     /// The model's config before `prune` changed it: `inspect`'s default reference.
     pub dense_config: Option<LlamaConfig>,
+    /// Keep a frozen copy of the model as `prune` found it in `dense_model`: a later
+    /// `finetune` distils from it.
+    pub keep_dense_model: bool,
+    /// The model before `prune` (a clone shares the tensors, and pruning replaces the
+    /// projections' weights rather than writing into them, so it stays the dense model).
+    pub dense_model: Option<Llama>,
     /// The run folder: `finetune` keeps its log and checkpoints there and relative
     /// `export` folders live in it. `None` outside a pipeline run (a command): paths
     /// stay as given.
@@ -75,6 +81,8 @@ impl StageContext {
             model: None,
             attached: None,
             dense_config: None,
+            keep_dense_model: false,
+            dense_model: None,
             run_dir: None,
             resume: false,
         }
@@ -178,11 +186,14 @@ pub fn finetune(
         .run_dir
         .clone()
         .context("finetune keeps its log and checkpoints in a run folder; run it in a pipeline")?;
+    let teacher = teacher(spec, ctx)?;
+    let objective = Objective::from_spec(spec, teacher)?;
     let loaded = ctx.model_mut("finetune")?;
     let report = train::finetune(
         &mut loaded.model,
         &loaded.tokenizer,
         spec,
+        objective,
         seed,
         &run_dir,
         resume,
@@ -204,6 +215,53 @@ pub fn finetune(
         wrote,
         ..StageOutput::new(report)
     })
+}
+
+/// The model `finetune` distils from: none for `objective: lm`; the model before `prune`
+/// for `teacher: pre_prune` (or no teacher after a prune); otherwise the model source
+/// `teacher` names, loaded like the student, which must share the student's tokenizer.
+fn teacher(spec: &FinetuneSpec, ctx: &StageContext) -> Result<Option<Llama>> {
+    if !spec.objective.distills() {
+        return Ok(None);
+    }
+    let source = match spec.teacher.as_deref() {
+        None | Some(PRE_PRUNE) => {
+            let dense = ctx.dense_model.clone().with_context(|| {
+                format!(
+                    "finetune.teacher {PRE_PRUNE}: no `prune` stage kept the model before \
+                     pruning; put one before `finetune` or name a teacher model"
+                )
+            })?;
+            return Ok(Some(dense));
+        }
+        Some(source) => ModelSource::parse(source).context("finetune.teacher")?,
+    };
+    let student = ctx.model("finetune")?;
+    let teacher = model::load(&source, ctx.dtype, &ctx.device)
+        .with_context(|| format!("finetune.teacher {source}"))?;
+    let (vs, vt) = (
+        student.model.config.vocab_size,
+        teacher.model.config.vocab_size,
+    );
+    let difference = if vs != vt {
+        Some(format!("{vt} logits per token against {vs}"))
+    } else {
+        teacher.tokenizer.vocabulary_difference(&student.tokenizer)
+    };
+    if let Some(difference) = difference {
+        bail!(
+            "finetune.teacher {source} has another vocabulary than the student {}: {difference}; \
+             distillation compares both models' distributions token by token, so the teacher \
+             must use the student's tokenizer",
+            student.source
+        );
+    }
+    progress::line(&format!(
+        "teacher {source}: {} layers, hidden {}, vocab {vt}",
+        teacher.model.num_layers(),
+        teacher.model.config.hidden_size
+    ));
+    Ok(Some(teacher.model))
 }
 
 pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<ExportReport>> {
@@ -245,11 +303,16 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
 }
 
 pub fn prune(spec: &PruneSpec, ctx: &mut StageContext) -> Result<StageOutput<PruneReport>> {
+    let keep = ctx.keep_dense_model && ctx.dense_model.is_none();
     let loaded = ctx.model_mut("prune")?;
     let mut dense = loaded.model.config.clone();
     dense.layer_shapes = Some(loaded.model.layer_shapes.clone());
+    let before = keep.then(|| loaded.model.clone());
     let report = crate::prune::prune(&mut loaded.model, &loaded.tokenizer, spec)?;
     ctx.dense_config.get_or_insert(dense);
+    if before.is_some() {
+        ctx.dense_model = before;
+    }
     progress::line(&format!(
         "pruned {:.1}% of the parameters ({} → {}) using {} calibration tokens",
         100.0 * report.pruned_ratio,

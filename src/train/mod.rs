@@ -14,8 +14,8 @@ pub mod trainer;
 
 pub use batch::Batch;
 pub use log::LogLine;
-pub use objective::{Loss, Objective};
-pub use spec::FinetuneSpec;
+pub use objective::{Distill, Loss, Objective};
+pub use spec::{FinetuneSpec, ObjectiveKind, PRE_PRUNE};
 pub use trainer::{StepStats, Trainer};
 
 use crate::model::{Llama, TextTokenizer};
@@ -48,13 +48,15 @@ pub struct FinetuneReport {
     pub wrote: Vec<PathBuf>,
 }
 
-/// Trains the model's adapters. Outputs go to `run_dir`: `train-log.jsonl`,
-/// `checkpoints/`, `loss-curve.svg`. The frozen products run at `spec.matmul_precision`
-/// during training and at f32 again afterwards.
+/// Trains the model's adapters to minimise `objective` (see [`Objective::from_spec`]).
+/// Outputs go to `run_dir`: `train-log.jsonl`, `checkpoints/`, `loss-curve.svg`. The
+/// frozen products run at `spec.matmul_precision` during training and at f32 again
+/// afterwards.
 pub fn finetune(
     model: &mut Llama,
     tok: &TextTokenizer,
     spec: &FinetuneSpec,
+    objective: Objective,
     seed: u64,
     run_dir: &Path,
     resume: bool,
@@ -68,7 +70,7 @@ pub fn finetune(
         ));
         model.set_matmul_precision(MatmulPrecision::F32)?;
     }
-    let report = train_adapters(model, tok, spec, seed, run_dir, resume);
+    let report = train_adapters(model, tok, spec, objective, seed, run_dir, resume);
     // Drops the packed bf16 copies: evaluation and export use the f32 weights.
     model.set_matmul_precision(MatmulPrecision::F32)?;
     report
@@ -78,13 +80,13 @@ fn train_adapters(
     model: &Llama,
     tok: &TextTokenizer,
     spec: &FinetuneSpec,
+    objective: Objective,
     seed: u64,
     run_dir: &Path,
     resume: bool,
 ) -> Result<FinetuneReport> {
     // Setup: data split, schedule and optimizer, or all of it as the newest checkpoint
     // left it; the log keeps the steps that checkpoint had done.
-    let objective = Objective::NextToken;
     let mut trainer = if resume {
         Trainer::resume(model, tok, spec, seed, objective, run_dir)?
     } else {

@@ -1,13 +1,17 @@
 //! What a training step minimises. The step asks its [`Objective`] for the loss of each
-//! micro-batch and never looks inside: another objective (distillation from a teacher
-//! model, say) is another variant here, not a branch in the training loop.
+//! micro-batch and never looks inside: distillation from a teacher model is another
+//! variant here, not a branch in the training loop.
 
 use super::batch::Batch;
-use crate::model::loss::masked_mean_nll_from_hidden;
+use super::spec::{FinetuneSpec, ObjectiveKind};
+use crate::model::loss::{masked_mean_kl_from_hidden, masked_mean_nll_from_hidden};
 use crate::model::Llama;
+use crate::nn::frozen::MatmulPrecision;
+use crate::nn::fused::distill::Divergence;
 use crate::nn::Mode;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::sync::Arc;
 
 /// The loss a [`super::Trainer`] trains (and validates) with.
 #[derive(Clone, Default)]
@@ -15,6 +19,21 @@ pub enum Objective {
     /// Mean next-token cross entropy over the batch's target tokens.
     #[default]
     NextToken,
+    /// Distillation from a frozen teacher, optionally mixed with the cross entropy.
+    Distill(Distill),
+}
+
+/// `lm_weight · CE + kd_weight · T²·KL` over the target tokens, the KL between the
+/// temperature-softened distributions of the teacher and the student at each of them.
+#[derive(Clone)]
+pub struct Distill {
+    /// Runs in [`Mode::Eval`]; its hidden states are detached, so it gets no gradient.
+    pub teacher: Arc<Llama>,
+    /// 0 for `kd` (the cross entropy is then not computed at all).
+    pub lm_weight: f64,
+    pub kd_weight: f64,
+    pub temperature: f64,
+    pub divergence: Divergence,
 }
 
 /// The loss of one micro-batch.
@@ -26,24 +45,74 @@ pub struct Loss {
 }
 
 impl Objective {
+    /// The objective `spec` asks for; `teacher` is needed by `kd` and `kd+lm` only. The
+    /// teacher's frozen products run at `spec.matmul_precision` (f32 where bf16 cannot).
+    pub fn from_spec(spec: &FinetuneSpec, teacher: Option<Llama>) -> Result<Self> {
+        let (lm_weight, kd_weight) = match spec.objective {
+            ObjectiveKind::Lm => return Ok(Objective::NextToken),
+            ObjectiveKind::Kd => (0.0, 1.0),
+            ObjectiveKind::KdLm => (1.0 - spec.kd_ratio, spec.kd_ratio),
+        };
+        let Some(mut teacher) = teacher else {
+            bail!("finetune.objective kd and kd+lm distil from a teacher; none was given");
+        };
+        if !teacher.set_matmul_precision(spec.matmul_precision)? {
+            teacher.set_matmul_precision(MatmulPrecision::F32)?;
+        }
+        Ok(Objective::Distill(Distill {
+            teacher: Arc::new(teacher),
+            lm_weight,
+            kd_weight,
+            temperature: spec.kd_temperature,
+            divergence: spec.kd_divergence,
+        }))
+    }
+
     /// The loss of `batch` with the model run in `mode`.
     pub fn loss(&self, model: &Llama, batch: &Batch, mode: Mode) -> Result<Loss> {
-        match self {
-            Objective::NextToken => next_token_loss(model, batch, mode),
-        }
+        let hidden = predicting_hidden(model, batch, mode)?;
+        let (mean, target_tokens) = match self {
+            Objective::NextToken => {
+                masked_mean_nll_from_hidden(model, &hidden, &batch.targets, &batch.target_mask)?
+            }
+            Objective::Distill(d) => d.loss(model, &hidden, batch)?,
+        };
+        Ok(Loss {
+            mean,
+            target_tokens,
+        })
     }
 }
 
-/// Mean next-token loss of a batch over its target tokens.
-fn next_token_loss(model: &Llama, batch: &Batch, mode: Mode) -> Result<Loss> {
+impl Distill {
+    fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
+        let teacher_hidden = predicting_hidden(&self.teacher, batch, Mode::Eval)?.detach();
+        let (kd, count) = masked_mean_kl_from_hidden(
+            model,
+            hidden,
+            &self.teacher,
+            &teacher_hidden,
+            &batch.target_mask,
+            self.temperature,
+            self.divergence,
+        )?;
+        if self.lm_weight == 0.0 {
+            return Ok(((kd * self.kd_weight)?, count));
+        }
+        let (ce, _) =
+            masked_mean_nll_from_hidden(model, hidden, &batch.targets, &batch.target_mask)?;
+        Ok((
+            (ce.affine(self.lm_weight, 0.0)? + kd.affine(self.kd_weight, 0.0)?)?,
+            count,
+        ))
+    }
+}
+
+/// The final hidden states at the positions that predict the next token (all but the
+/// last), (b, t − 1, h).
+fn predicting_hidden(model: &Llama, batch: &Batch, mode: Mode) -> Result<Tensor> {
     let width = batch.ids.dim(1)?;
-    let hidden = model
+    Ok(model
         .forward_hidden(&batch.ids, Some(&batch.mask), None, mode)?
-        .narrow(1, 0, width - 1)?;
-    let (mean, target_tokens) =
-        masked_mean_nll_from_hidden(model, &hidden, &batch.targets, &batch.target_mask)?;
-    Ok(Loss {
-        mean,
-        target_tokens,
-    })
+        .narrow(1, 0, width - 1)?)
 }

@@ -3,6 +3,7 @@
 use super::schedule::LrSchedule;
 use crate::data::DataFormat;
 use crate::nn::frozen::MatmulPrecision;
+use crate::nn::fused::distill::Divergence;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,50 @@ pub struct FinetuneSpec {
     /// bf16 autocast rounds them; adapters, attention and the optimizer stay f32). A CPU
     /// without AMX trains in f32 and says so.
     pub matmul_precision: MatmulPrecision,
+    /// What training minimises: `lm` (next-token cross entropy), `kd` (distillation from
+    /// `teacher` alone) or `kd+lm` (`(1 − kd_ratio)·CE + kd_ratio·KD`, torchtune's).
+    pub objective: ObjectiveKind,
+    /// The distillation share of a `kd+lm` loss.
+    pub kd_ratio: f64,
+    /// Both models' logits are divided by it before the softmax; the KL is scaled by T².
+    pub kd_temperature: f64,
+    /// `forward`: KL(teacher ‖ student); `reverse`: KL(student ‖ teacher).
+    pub kd_divergence: Divergence,
+    /// The model distilled from: `pre_prune` (the model as the pipeline's `prune` stage
+    /// found it, the default after a `prune`) or a model source (folder, GGUF, `hf:`).
+    pub teacher: Option<String>,
+}
+
+/// The `teacher` value naming the model before `prune`.
+pub const PRE_PRUNE: &str = "pre_prune";
+
+/// `finetune.objective`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectiveKind {
+    #[default]
+    #[serde(rename = "lm")]
+    Lm,
+    #[serde(rename = "kd")]
+    Kd,
+    #[serde(rename = "kd+lm")]
+    KdLm,
+}
+
+impl std::fmt::Display for ObjectiveKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectiveKind::Lm => "lm",
+            ObjectiveKind::Kd => "kd",
+            ObjectiveKind::KdLm => "kd+lm",
+        })
+    }
+}
+
+impl ObjectiveKind {
+    /// Whether the objective needs a teacher.
+    pub fn distills(self) -> bool {
+        self != ObjectiveKind::Lm
+    }
 }
 
 impl Default for FinetuneSpec {
@@ -82,6 +127,11 @@ impl Default for FinetuneSpec {
             eval_every: 0,
             stop_after: None,
             matmul_precision: MatmulPrecision::default(),
+            objective: ObjectiveKind::default(),
+            kd_ratio: 0.5,
+            kd_temperature: 1.0,
+            kd_divergence: Divergence::default(),
+            teacher: None,
         }
     }
 }
@@ -128,6 +178,27 @@ impl FinetuneSpec {
         if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
             bail!("finetune needs at least one step: set epochs or max_steps above 0");
         }
+        self.validate_objective()
+    }
+
+    /// Checks the distillation keys (the teacher's presence is the pipeline's to check:
+    /// `pre_prune` needs a `prune` stage before).
+    pub fn validate_objective(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.kd_ratio) {
+            bail!("finetune.kd_ratio must be in [0, 1], not {}", self.kd_ratio);
+        }
+        if !(self.kd_temperature.is_finite() && self.kd_temperature > 0.0) {
+            bail!(
+                "finetune.kd_temperature must be positive, not {}",
+                self.kd_temperature
+            );
+        }
+        if self.teacher.is_some() && !self.objective.distills() {
+            bail!(
+                "finetune.teacher is read by `objective: kd` or `kd+lm` only; this finetune has \
+                 `objective: lm`"
+            );
+        }
         Ok(())
     }
 
@@ -168,5 +239,23 @@ mod tests {
         assert_eq!(parsed.keep_checkpoints, 2);
         assert_eq!(parsed.data_format, DataFormat::Instructions);
         assert!(!parsed.packing);
+        assert_eq!(parsed.objective, ObjectiveKind::Lm);
+        assert_eq!((parsed.kd_ratio, parsed.kd_temperature), (0.5, 1.0));
+        assert_eq!(parsed.kd_divergence, Divergence::Forward);
+    }
+
+    #[test]
+    fn objective_names_parse_and_bad_distillation_keys_are_refused() {
+        let parsed: FinetuneSpec =
+            serde_json::from_str(r#"{"objective": "kd+lm", "kd_divergence": "reverse"}"#).unwrap();
+        assert_eq!(parsed.objective, ObjectiveKind::KdLm);
+        assert_eq!(parsed.kd_divergence, Divergence::Reverse);
+        let bad = |json: &str| {
+            let spec: FinetuneSpec = serde_json::from_str(json).unwrap();
+            format!("{:#}", spec.validate_objective().unwrap_err())
+        };
+        assert!(bad(r#"{"objective": "kd", "kd_ratio": 1.5}"#).contains("kd_ratio"));
+        assert!(bad(r#"{"objective": "kd", "kd_temperature": 0}"#).contains("kd_temperature"));
+        assert!(bad(r#"{"teacher": "pre_prune"}"#).contains("objective: lm"));
     }
 }

@@ -1,8 +1,7 @@
 //! Adapters: scaling, identity at init, gradients against finite differences, merging.
 
-
-use candle_core::{DType, Device, Tensor};
 use crate::common::*;
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rora::adapters::{self, AttachSpec, Method};
 use rora::model::loss::masked_mean_nll;

@@ -1,6 +1,5 @@
 //! The `recover` binary end to end: pipelines, run folders, and bad input.
 
-
 use crate::common::*;
 use std::path::Path;
 use std::process::Output;
@@ -290,4 +289,75 @@ fn dry_run_writes_nothing() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Trainable: 31.7K"));
     assert!(!run_dir.exists());
+}
+
+#[test]
+fn kd_without_a_teacher_or_a_prune_stage_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = stories_yaml(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd\n",
+    );
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &out,
+        &run_dir,
+        &["stages[2].finetune", "objective kd", "teacher", "prune"],
+    );
+}
+
+#[test]
+fn a_teacher_with_another_vocabulary_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tmp.path().join("teacher");
+    let layer = TinyLayer {
+        heads: 8,
+        kv_heads: 4,
+        mlp: 96,
+    };
+    write_tiny_model_with_vocab(&teacher, &[layer], 1, 1024);
+    let yaml = stories_yaml(&format!(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd+lm\n      teacher: {}\n",
+        teacher.display()
+    ));
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    assert_clean_failure(
+        &out,
+        &run_dir,
+        &[
+            "stages[2].finetune.teacher",
+            &format!("{} has a vocabulary of 1024 tokens", teacher.display()),
+            "stories260K one of 512",
+        ],
+    );
+}
+
+#[test]
+fn a_teacher_with_other_token_strings_is_refused_before_any_training_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = stories_copy(tmp.path());
+    let tok_path = teacher.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok_path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let id = vocab.remove("<0x00>").unwrap();
+    vocab.insert("<zz>".into(), id);
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let yaml = stories_yaml(&format!(
+        "  - attach:\n      method: rora\n  - finetune:\n      text: [data/stories260K-train.txt]\n      \
+         objective: kd\n      teacher: {}\n",
+        teacher.display()
+    ));
+    let (out, run_dir) = run_yaml(tmp.path(), &yaml, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "expected failure: {err}");
+    for needle in [
+        "stage `finetune` (stages[2]) failed",
+        "another vocabulary than the student",
+        "token 3 is `<zz>` against `<0x00>`",
+    ] {
+        assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    }
+    assert!(!run_dir.join("train-log.jsonl").exists());
 }

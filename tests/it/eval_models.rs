@@ -2,7 +2,6 @@
 //! scoring each full sequence alone; cached, left-padded generation equals recomputing
 //! the whole sequence each step; the eval stage's three reports.
 
-
 use rora::data::prompt::evaluation_prompt;
 use rora::data::{load_task, Question, Task};
 use rora::eval::content::content_pairs;

@@ -8,7 +8,6 @@
 //! `RORA_EVAL_LIMIT` (default 200) sets the questions per task. The model is
 //! `$RORA_SMOLLM2_GGUF`, default `~/.cache/rora/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 
-
 use candle_core::{DType, Device};
 use rora::data::Task;
 use rora::eval::{run_eval, EvalSpec, Protocol};

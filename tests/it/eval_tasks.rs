@@ -1,7 +1,6 @@
 //! Commonsense data: every test file parses with the counts of SOURCES.md, gold labels
 //! are allowed by their format, options parse; answer extraction; bad input.
 
-
 use rora::data::options::answer_format;
 use rora::data::{load_task, load_task_file, Task};
 use rora::eval::answer::extract_answer;

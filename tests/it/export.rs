@@ -1,9 +1,8 @@
 //! Export: merged folders that reload to the same logits, PEFT adapters that round-trip
 //! and look like PEFT's, sharding, and exports that never leave half a folder.
 
-
-use candle_core::{DType, Device, Tensor};
 use crate::common::*;
+use candle_core::{DType, Device, Tensor};
 use rora::adapters::{self, peft, AttachSpec, Method};
 use rora::export::{self, ExportSpec};
 use rora::model::DtypeName;

@@ -1,7 +1,6 @@
 //! The finetune stage: learning a synthetic task, bitwise resume, NaN handling, data
 //! formatting, and the stories-recover pipeline end to end.
 
-
 use crate::common::*;
 use rora::adapters::{self, AttachSpec};
 use rora::data;
@@ -55,7 +54,17 @@ fn train_copy_task(
     ));
     let run_dir = dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let report = train::finetune(&mut model, &loaded.tokenizer, &spec, 0, &run_dir, false).unwrap();
+    let objective = train::Objective::from_spec(&spec, None).unwrap();
+    let report = train::finetune(
+        &mut model,
+        &loaded.tokenizer,
+        &spec,
+        objective,
+        0,
+        &run_dir,
+        false,
+    )
+    .unwrap();
     let log: Vec<train::LogLine> = std::fs::read_to_string(run_dir.join("train-log.jsonl"))
         .unwrap()
         .lines()
@@ -169,63 +178,13 @@ fn resume_pipeline(dir: &Path) -> std::path::PathBuf {
 fn resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let file = resume_pipeline(tmp.path());
-    let f = file.to_str().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let set_a = format!("run_dir={}", a.display());
-    let set_b = format!("run_dir={}", b.display());
-
-    let out = recover(&["--pipeline", f, "--set", &set_a]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = recover(&[
-        "--pipeline",
-        f,
-        "--set",
-        &set_b,
-        "--set",
-        "finetune.stop_after=30",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(b.join("checkpoints/step-30").is_dir());
-    assert!(!b.join("checkpoints/step-40").exists());
-    let out = recover(&["--pipeline", f, "--set", &set_b, "--resume"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from checkpoint step-30"));
-
-    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
-        let x = std::fs::read(a.join("checkpoints/step-60").join(file)).unwrap();
-        let y = std::fs::read(b.join("checkpoints/step-60").join(file)).unwrap();
-        assert!(
-            x == y,
-            "{file} differs between the uninterrupted and the resumed run"
-        );
-    }
-    // Only the newest two checkpoints are kept; the log has one line per step.
-    let kept: Vec<_> = std::fs::read_dir(b.join("checkpoints"))
+    assert_resume_is_bitwise(tmp.path(), &file, 30, 60);
+    // Only the newest two checkpoints are kept.
+    let kept: Vec<_> = std::fs::read_dir(tmp.path().join("b/checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(kept.len(), 2);
-    let log_a = std::fs::read_to_string(a.join("train-log.jsonl")).unwrap();
-    let log_b = std::fs::read_to_string(b.join("train-log.jsonl")).unwrap();
-    assert_eq!(log_b.lines().count(), 60);
-    let losses = |log: &str| -> Vec<String> {
-        log.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
-            .collect()
-    };
-    assert_eq!(losses(&log_a), losses(&log_b));
 }
 
 #[test]

@@ -7,9 +7,8 @@
 //! relative to the largest output or gradient: 2e-6 on outputs, 2e-5 on gradients (which
 //! go through one more product).
 
-
-use candle_core::{DType, Device, Tensor, Var};
 use crate::common::max_abs_diff;
+use candle_core::{DType, Device, Tensor, Var};
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};

@@ -5,11 +5,10 @@
 //! them; and the real SmolLM2-135M GGUF (fetched by scripts/fetch-smollm2.sh) has a sane
 //! perplexity on English text.
 
-
+use crate::common::*;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use crate::common::*;
 use rora::model::{self, ModelSource, TextTokenizer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

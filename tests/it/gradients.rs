@@ -1,9 +1,8 @@
 //! The forward pass is differentiable where training needs it: gradients from candle's
 //! backward pass against central finite differences, on a tiny non-uniform model.
 
-
-use candle_core::{DType, Device, Tensor, Var};
 use crate::common::*;
+use candle_core::{DType, Device, Tensor, Var};
 use rora::model::loss::masked_mean_nll;
 use rora::model::{safetensors_dir, Llama, LlamaConfig, Weights};
 use rora::nn::Mode;

@@ -1,7 +1,6 @@
 //! `hf:org/name` through a Hugging Face cache folder laid out as hf-hub and
 //! `huggingface-cli download` lay it out (refs/, snapshots/ with links into blobs/).
 
-
 use crate::common::*;
 use std::path::Path;
 use std::process::Command;

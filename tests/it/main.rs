@@ -1,9 +1,10 @@
 //! The integration tests, one binary: each module is one area (as `tests/NAME.rs` files
 //! were), sharing `common`. One binary links candle once instead of once per area.
 
-mod common;
 mod adapters;
 mod cli_pipeline;
+mod common;
+mod distill;
 mod eval_models;
 mod eval_smollm2;
 mod eval_tasks;

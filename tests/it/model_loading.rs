@@ -1,9 +1,8 @@
 //! Loading: sharded folders, non-uniform (pruned) models, the hub cache, and the
 //! perplexity of stories260K on its own text.
 
-
-use candle_core::{DType, Device, IndexOp, Tensor};
 use crate::common::*;
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rora::model::{self, ModelSource};
 use std::collections::HashMap;
 use std::path::Path;

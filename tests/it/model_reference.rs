@@ -1,10 +1,9 @@
 //! Our forward pass against an independent implementation: candle-transformers' llama,
 //! on the real stories260K weights.
 
-
+use crate::common::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::llama as reference;
-use crate::common::*;
 
 fn reference_model() -> (reference::Llama, reference::Config) {
     let dir = stories_dir();

@@ -1,9 +1,8 @@
 //! Structured pruning: the shapes asked for, the right rows and columns removed (checked
 //! against zeroing them in the dense model), and the pruned model exports and reloads.
 
-
-use candle_core::{DType, Device, IndexOp, Tensor};
 use crate::common::*;
+use candle_core::{DType, Device, IndexOp, Tensor};
 use rora::model::{self, Llama, ModelSource};
 use rora::prune::{self, PruneSpec};
 use std::collections::BTreeSet;

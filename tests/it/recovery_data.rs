@@ -4,13 +4,12 @@
 //! `eval.bos` defaulting to what the model folder's tokenizer does, with `--bos` on
 //! `recover eval`. (The GGUF side of the BOS default is in tests/gguf.rs.)
 
-
 use crate::common::*;
 use rora::adapters::{self, AttachSpec};
 use rora::data::{self, DataFormat, InstructionItem};
 use rora::eval::{run_eval, EvalSpec, Protocol};
 use rora::model::{self, ModelSource, TextTokenizer};
-use rora::train::{self, FinetuneSpec};
+use rora::train::{self, FinetuneSpec, Objective};
 use std::path::Path;
 
 /// One real item of each task's format: the first of each training set (PIQA and
@@ -259,7 +258,16 @@ fn finetune_packs_items_and_text_into_full_rows() {
 
     let run_dir = tmp.path().join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
-    let report = train::finetune(&mut model, tok, &spec, 0, &run_dir, false).unwrap();
+    let report = train::finetune(
+        &mut model,
+        tok,
+        &spec,
+        Objective::NextToken,
+        0,
+        &run_dir,
+        false,
+    )
+    .unwrap();
     assert_eq!(
         report.train_examples + report.val_examples,
         stream_len / cutoff
@@ -272,7 +280,16 @@ fn finetune_packs_items_and_text_into_full_rows() {
             "data: [{}]\nmax_steps: 1\n{extra}",
             data.display()
         ));
-        let e = train::finetune(&mut model, tok, &spec, 0, &run_dir, false).unwrap_err();
+        let e = train::finetune(
+            &mut model,
+            tok,
+            &spec,
+            Objective::NextToken,
+            0,
+            &run_dir,
+            false,
+        )
+        .unwrap_err();
         format!("{e:#}")
     };
     let e = with("packing: true\ntrain_on_inputs: false", &data_path);

@@ -1,7 +1,6 @@
 //! `recover sweep` end to end on stories260K: a grid of runs, the summary, skipping
 //! finished runs, resuming unfinished ones, failed runs, and bad axes.
 
-
 use crate::common::*;
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! Fused CPU kernels with hand-written backward passes for the element-wise parts of a
-//! layer (RMSNorm, RoPE, SwiGLU, adapter dropout) and for attention.
+//! layer (RMSNorm, RoPE, SwiGLU, adapter dropout), for attention, and for the losses
+//! through the output head (cross entropy, distillation).
 //!
 //! Built from candle's composite ops, each of these records a chain of broadcasts and
 //! reductions whose backward pass allocates a full-size tensor per step; on a 2-core CPU
@@ -11,6 +12,7 @@
 pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
+pub mod distill;
 pub mod dropout;
 pub mod lora;
 mod math;
