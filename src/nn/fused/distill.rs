@@ -15,7 +15,7 @@
 //!   `f = log p_s − log p_t` (the second sum vanishes as Σ p = 1), so
 //!   `dL/dz_s = T · p_s ⊙ (f − KL)`.
 
-use super::{cpu_f32, frozen_product, frozen_product_t, with_f32};
+use super::{cpu_f32, frozen_product, frozen_product_t, scale_grad_rows, with_f32};
 use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -204,17 +204,7 @@ impl CustomOp1 for HeadKlDivergence {
     }
 
     fn bwd(&self, hidden: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, h) = hidden.dims2()?;
-        let d = self.grad_rows()?.take();
-        let Some(mut d) = d else {
-            bail!("distillation: backward pass without the gradient rows of a forward pass that tracked its input")
-        };
-        with_f32(grad, self.name(), |g| {
-            d.par_chunks_mut(h)
-                .zip(g.par_iter())
-                .for_each(|(row, &g)| row.iter_mut().for_each(|v| *v *= g));
-            Ok(())
-        })?;
-        Ok(Some(Tensor::from_vec(d, hidden.shape(), hidden.device())?))
+        let rows = self.grad_rows()?.take();
+        Ok(Some(scale_grad_rows(rows, hidden, grad, "distillation")?))
     }
 }

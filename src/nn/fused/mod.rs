@@ -22,6 +22,7 @@ pub mod swiglu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 /// Whether the fused kernels apply to `t`: f32 on the CPU.
 pub fn applies_to(t: &Tensor) -> bool {
@@ -48,6 +49,29 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
         bail!("{op}: the tensor is not on the CPU")
     };
     f(cpu_f32(cpu, layout, op)?)
+}
+
+/// The backward pass of a per-row op on `hidden` (n × h) whose forward pass already formed
+/// each output's gradient row d out_i / d hidden_i (the output-head ops): every stored row
+/// times the incoming gradient of its output. `rows` is `None` when the forward pass did
+/// not track its input.
+pub(crate) fn scale_grad_rows(
+    rows: Option<Vec<f32>>,
+    hidden: &Tensor,
+    grad: &Tensor,
+    op: &str,
+) -> Result<Tensor> {
+    let (_, h) = hidden.dims2()?;
+    let Some(mut d) = rows else {
+        bail!("{op}: backward pass without the gradient rows of a forward pass that tracked its input")
+    };
+    with_f32(grad, op, |g| {
+        d.par_chunks_mut(h)
+            .zip(g.par_iter())
+            .for_each(|(row, &g)| row.iter_mut().for_each(|v| *v *= g));
+        Ok(())
+    })?;
+    Tensor::from_vec(d, hidden.shape(), hidden.device())
 }
 
 /// `x Wᵀ` for `x` (rows × in) and a frozen weight `w` (out × in): on AMX from bf16
