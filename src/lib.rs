@@ -3,6 +3,15 @@
 //! The pipeline (`recover --pipeline FILE.yaml`) is
 //! `load → inspect → [prune] → eval(before) → attach → finetune → eval(after) → export`;
 //! each stage is one module here, the model is in [`model`].
+//!
+//! Layers, lowest first; a module imports only from the layers below it:
+//! - [`nn`]: frozen weights, fused kernels, `Linear` with its adapter slot, LoRA / DoRA /
+//!   dropout, the train/eval [`nn::Mode`];
+//! - [`model`]: config, tensor schema, loading (folders, GGUF, hub), tokenizer, the LLaMA;
+//! - [`data`] (training and task files), [`adapters`] (attach policy, PEFT I/O, merge);
+//! - the stages: [`inspect`], [`prune`], [`eval`], [`train`], [`export`], with [`report`];
+//! - [`pipeline`] (spec, stage functions, the runner that writes every file), [`sweep`]
+//!   (grids of pipelines), [`bench`], and [`cli`] on top.
 
 pub mod adapters;
 pub mod bench;

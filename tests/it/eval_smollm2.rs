@@ -2,7 +2,7 @@
 //! (minutes in a dev build); run it with
 //!
 //! ```sh
-//! cargo test --release --test eval_smollm2 -- --ignored --nocapture
+//! cargo test --release --test it eval_smollm2 -- --ignored --nocapture
 //! ```
 //!
 //! `RORA_EVAL_LIMIT` (default 200) sets the questions per task. The model is

@@ -2,7 +2,7 @@
 //! on one real item of each task's format, packing (no token lost or duplicated, EOS
 //! between documents, rows of exactly `cutoff_len`) alone and inside `finetune`, and
 //! `eval.bos` defaulting to what the model folder's tokenizer does, with `--bos` on
-//! `recover eval`. (The GGUF side of the BOS default is in tests/gguf.rs.)
+//! `recover eval`. (The GGUF side of the BOS default is in the `gguf` module.)
 
 use crate::common::*;
 use rora::adapters::{self, AttachSpec};
