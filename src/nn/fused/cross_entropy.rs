@@ -28,7 +28,7 @@ struct TargetLogProbs {
 
 /// log Σ exp(row).
 #[multiversion(targets = "simd")]
-fn log_sum_exp(row: &[f32]) -> f32 {
+pub(super) fn log_sum_exp(row: &[f32]) -> f32 {
     let top = max(row);
     top + sum_map(row, |v| exp(v - top)).ln()
 }

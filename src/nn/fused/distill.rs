@@ -15,6 +15,7 @@
 //!   `f = log p_s − log p_t` (the second sum vanishes as Σ p = 1), so
 //!   `dL/dz_s = T · p_s ⊙ (f − KL)`.
 
+use super::cross_entropy::log_sum_exp;
 use super::{cpu_f32, frozen_product, frozen_product_t, scale_grad_rows, with_f32};
 use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -109,13 +110,9 @@ impl HeadKlDivergence {
 
 /// `row ← row / T − lse(row / T)`: the row's log-softmax at temperature T.
 fn log_softmax_in_place(row: &mut [f32], inv_t: f32) {
-    let mut top = f32::NEG_INFINITY;
-    for v in row.iter_mut() {
-        *v *= inv_t;
-        top = top.max(*v);
-    }
-    let sum: f64 = row.iter().map(|&v| ((v - top) as f64).exp()).sum();
-    let lse = top + sum.ln() as f32;
+    row.iter_mut().for_each(|v| *v *= inv_t);
+    // The target log-prob op's vectorised log-sum-exp (the project's polynomial exp).
+    let lse = log_sum_exp(row);
     row.iter_mut().for_each(|v| *v -= lse);
 }
 
