@@ -57,10 +57,15 @@ pub fn evaluate_task(
         questions.len() as u64,
         &format!("{} {}", protocol.name(), task.column()),
     );
+    // Batches of questions of similar length (by their instruction, a proxy for every
+    // protocol's prompt): the left padding of a batch's prompts is work for nothing.
+    // The records go back to `questions`' order below.
+    let mut by_length: Vec<&Question> = questions.to_vec();
+    by_length.sort_by_key(|q| q.instruction.len());
     let mut records = Vec::with_capacity(questions.len());
     let mut tokens = 0;
     let mut correct = 0;
-    for batch in questions.chunks(spec.batch_size.max(1)) {
+    for batch in by_length.chunks(spec.batch_size.max(1)) {
         let out = answer_batch(protocol, model, tok, spec, batch)
             .with_context(|| format!("{} on task {}", protocol.name(), task.name()))?;
         tokens += out.tokens;
@@ -75,6 +80,12 @@ pub fn evaluate_task(
         ));
     }
     pb.finish_and_clear();
+    let position: std::collections::HashMap<usize, usize> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (q.index, i))
+        .collect();
+    records.sort_by_key(|r| position[&r.index]);
     let mut result = TaskResult::new(task, file, records.len(), correct);
     if protocol == Protocol::Generate {
         result.unparsed = records.iter().filter(|r| r.predicted.is_none()).count();
