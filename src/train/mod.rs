@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod checkpoint_eval;
 pub mod log;
 pub mod objective;
 pub mod optim;
@@ -13,7 +14,8 @@ pub mod spec;
 pub mod trainer;
 
 pub use batch::Batch;
-pub use log::LogLine;
+pub use checkpoint_eval::{CheckpointEval, EvalPoint};
+pub use log::{LogLine, StepNumbers};
 pub use objective::{Distill, Loss, Objective};
 pub use spec::{FinetuneSpec, ObjectiveKind, PRE_PRUNE};
 pub use trainer::{StepStats, Trainer};
@@ -101,11 +103,36 @@ fn train_adapters(
         None => Vec::new(),
     };
     log::rewrite(&log_path, &log)?;
+    let mut checkpoint_eval = match &spec.checkpoint_eval {
+        Some(eval) => Some(CheckpointEval::new(eval, seed, run_dir)?),
+        None => None,
+    };
 
     let started = Instant::now();
-    let (mut tokens_done, mut first_loss, mut last_val) = (0u64, log.first().map(|l| l.loss), None);
+    let (mut tokens_done, mut first_loss, mut last_val) =
+        (0u64, log.iter().find_map(LogLine::loss), None);
+    // Counted over resumes, for the recovery curve's x axis and wall time.
+    let (mut tokens_total, mut train_seconds) =
+        log.last().map_or((0, 0.0), |l| (l.tokens, l.train_seconds));
     let total_steps = trainer.total_steps();
     let end = spec.stop_after.map_or(total_steps, |s| s.min(total_steps));
+
+    // The model as training finds it: the recovery curve's first point.
+    if let Some(ce) = checkpoint_eval.as_mut().filter(|ce| ce.needs_start()) {
+        if trainer.steps_done() == 0 {
+            let line = LogLine {
+                step: 0,
+                tokens: 0,
+                train_seconds: 0.0,
+                train: None,
+                val_loss: None,
+                eval: Some(ce.evaluate(model, tok, 0)?),
+            };
+            log::append(&log_path, &line)?;
+            log.push(line);
+        }
+    }
+
     let pb = progress::bar(total_steps as u64, "finetune");
     pb.set_position(trainer.steps_done() as u64);
     while trainer.steps_done() < end {
@@ -114,29 +141,40 @@ fn train_adapters(
         let batch = trainer.next_batch()?;
         let stats = trainer.step(&batch).inspect_err(|_| pb.abandon())?;
         let done = stats.step;
+        let step_seconds = t0.elapsed().as_secs_f64();
         tokens_done += stats.tokens;
-        let tokens_per_s = stats.tokens as f64 / t0.elapsed().as_secs_f64();
+        tokens_total += stats.tokens;
+        train_seconds += step_seconds;
+        let tokens_per_s = stats.tokens as f64 / step_seconds;
 
-        // Validation.
-        let val_due = trainer.val_examples() > 0
-            && (done == total_steps || (spec.eval_every > 0 && done % spec.eval_every == 0));
-        let val_loss = if val_due {
+        // Validation and the checkpoint evaluation.
+        let due = done == total_steps || (spec.eval_every > 0 && done % spec.eval_every == 0);
+        let val_loss = if due && trainer.val_examples() > 0 {
             Some(trainer.validate()?)
         } else {
             None
         };
         last_val = val_loss.or(last_val);
         first_loss.get_or_insert(stats.loss);
+        let eval = match checkpoint_eval.as_mut() {
+            Some(ce) if due || done == end => Some(ce.evaluate(model, tok, done)?),
+            _ => None,
+        };
 
         // The log line.
         let line = LogLine {
             step: done,
-            epoch: trainer.epoch(),
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            tokens_per_s,
+            tokens: tokens_total,
+            train_seconds,
+            train: Some(StepNumbers {
+                epoch: trainer.epoch(),
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s,
+            }),
             val_loss,
+            eval,
         };
         log::append(&log_path, &line)?;
         log.push(line);
@@ -154,6 +192,11 @@ fn train_adapters(
     pb.finish_and_clear();
     let loss_curve = run_dir.join("loss-curve.svg");
     log::plot_losses(&loss_curve, &log)?;
+    let mut wrote = vec![log_path, checkpoint::root(run_dir), loss_curve];
+    if checkpoint_eval.is_some() {
+        wrote.extend(checkpoint_eval::plot_recovery(run_dir, &log)?);
+        wrote.push(run_dir.join(checkpoint_eval::DIR));
+    }
     let seconds = started.elapsed().as_secs_f64();
     Ok(FinetuneReport {
         train_examples: trainer.train_examples(),
@@ -163,12 +206,12 @@ fn train_adapters(
         resumed_from: trainer.resumed_from(),
         stopped_early: end < total_steps,
         first_loss,
-        last_loss: log.last().map(|l| l.loss),
+        last_loss: log.iter().rev().find_map(LogLine::loss),
         val_loss: last_val,
         tokens: tokens_done,
         seconds,
         tokens_per_s: tokens_done as f64 / seconds.max(1e-9),
         matmul_precision: model.matmul_precision(),
-        wrote: vec![log_path, checkpoint::root(run_dir), loss_curve],
+        wrote,
     })
 }

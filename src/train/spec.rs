@@ -2,9 +2,10 @@
 
 use super::schedule::LrSchedule;
 use crate::data::DataFormat;
+use crate::eval::{EvalSpec, EvalTask};
 use crate::nn::frozen::MatmulPrecision;
 use crate::nn::fused::distill::Divergence;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Settings of the `finetune` stage. Defaults are DoRA's commonsense recipe; a key left
@@ -44,8 +45,14 @@ pub struct FinetuneSpec {
     pub save_every: usize,
     /// Checkpoints to keep (the newest).
     pub keep_checkpoints: usize,
-    /// Validation loss every N steps (0: only at the end); needs `val_set_size`.
+    /// Validation loss (and `checkpoint_eval`) every N steps (0: only at the end).
     pub eval_every: usize,
+    /// Evaluation settings (an `eval` stage's: write `checkpoint_eval: *eval` to reuse
+    /// one) run on the model being trained before the first step, every `eval_every`
+    /// steps and at the end: pooled accuracy and perplexity into `train-log.jsonl`
+    /// (`eval`), `recovery-curve.svg` and `checkpoint-evals/`. Use a fixed question set
+    /// (`limit`, or `sample` with the run's seed) so that the points are paired.
+    pub checkpoint_eval: Option<EvalSpec>,
     /// Stop after this step as if interrupted (a checkpoint is written), to resume later
     /// with `--resume`: for time-boxed sessions.
     pub stop_after: Option<usize>,
@@ -125,6 +132,7 @@ impl Default for FinetuneSpec {
             save_every: 0,
             keep_checkpoints: 2,
             eval_every: 0,
+            checkpoint_eval: None,
             stop_after: None,
             matmul_precision: MatmulPrecision::default(),
             objective: ObjectiveKind::default(),
@@ -150,6 +158,19 @@ impl FinetuneSpec {
             if self.data_format == DataFormat::Answers && !self.data.is_empty() {
                 bail!(
                     "finetune.data_format: answers has no prompt to mask; remove train_on_inputs: false"
+                );
+            }
+        }
+        if let Some(eval) = &self.checkpoint_eval {
+            eval.validate().context("finetune.checkpoint_eval")?;
+            if !eval
+                .tasks
+                .iter()
+                .any(|t| matches!(t, EvalTask::Commonsense(_)))
+            {
+                bail!(
+                    "finetune.checkpoint_eval pools accuracy over commonsense tasks; its tasks \
+                     have none (add e.g. ARC-Easy, piqa, hellaswag)"
                 );
             }
         }
