@@ -19,6 +19,7 @@ pub use shape::{BenchModelArgs, BenchShape};
 pub use train::{bench_train, TrainBenchReport, TrainBenchSpec};
 
 use crate::nn::frozen::MatmulPrecision;
+use crate::train::ObjectiveKind;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -80,6 +81,11 @@ pub struct BenchTrainArgs {
     /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
     #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
     pub matmul_precision: MatmulPrecision,
+    /// What the step minimises: `kd` and `kd+lm` distil from a second random model of
+    /// the same shape (a whole second copy of the weights: the `teacher: <model>` case; a
+    /// `pre_prune` teacher shares the layers `prune` left alone).
+    #[arg(long, value_enum, default_value_t = ObjectiveKind::Lm)]
+    pub objective: ObjectiveKind,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +104,7 @@ impl BenchTrainArgs {
             rank,
             alpha: base.alpha / base.rank as f64 * rank as f64,
             matmul_precision: self.matmul_precision,
+            objective: self.objective,
             ..base
         }
     }

@@ -8,7 +8,7 @@ use crate::adapters::{self, AttachSpec, Method, MODULES};
 use crate::data::Example;
 use crate::nn::frozen::MatmulPrecision;
 use crate::train::schedule::LrSchedule;
-use crate::train::{Batch, FinetuneSpec, Objective, Trainer};
+use crate::train::{Batch, FinetuneSpec, Objective, ObjectiveKind, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rand::SeedableRng;
@@ -44,6 +44,8 @@ pub struct TrainBenchSpec {
     pub steps: usize,
     pub seed: u64,
     pub matmul_precision: MatmulPrecision,
+    /// `kd`/`kd+lm`: the teacher is a second random model of this shape (seed + 1).
+    pub objective: ObjectiveKind,
 }
 
 impl Default for TrainBenchSpec {
@@ -71,6 +73,7 @@ impl Default for TrainBenchSpec {
             steps: 10,
             seed: 0,
             matmul_precision: MatmulPrecision::F32,
+            objective: ObjectiveKind::Lm,
         }
     }
 }
@@ -109,7 +112,10 @@ pub struct TrainBenchReport {
     /// Loss of the first and of the last step (random data: about ln(vocab)).
     pub first_loss: f64,
     pub last_loss: f64,
-    /// Resident set after building the model and attaching adapters, before any step.
+    /// The teacher's weights (`kd`, `kd+lm`), included in the resident sets below.
+    pub teacher_weight_bytes: u64,
+    /// Resident set after building the model (and the teacher) and attaching adapters,
+    /// before any step: the weights. Peak minus this is what the steps added.
     pub rss_after_setup_bytes: Option<u64>,
     /// Peak resident set of the whole process (`VmHWM`, the value getrusage's ru_maxrss gives).
     pub peak_rss_bytes: Option<u64>,
@@ -162,11 +168,22 @@ impl TrainBenchReport {
                 ),
             ),
             (
+                "objective (teacher weights)",
+                format!("{} ({})", s.objective, mib(Some(self.teacher_weight_bytes))),
+            ),
+            (
                 "loss first → last",
                 format!("{:.4} → {:.4}", self.first_loss, self.last_loss),
             ),
             ("RSS after setup", mib(self.rss_after_setup_bytes)),
             ("peak RSS", mib(self.peak_rss_bytes)),
+            (
+                "peak RSS − RSS after setup (the steps' own memory)",
+                mib(self
+                    .peak_rss_bytes
+                    .zip(self.rss_after_setup_bytes)
+                    .map(|(p, s)| p.saturating_sub(s))),
+            ),
         ];
         for (k, v) in rows {
             out.push_str(&format!("| {k} | {v} |\n"));
@@ -227,6 +244,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         .collect();
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), &device)?;
     let schedule = FinetuneSpec {
+        objective: spec.objective,
         batch_size: b,
         micro_batch_size: b,
         learning_rate: spec.learning_rate,
@@ -236,11 +254,22 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         max_steps: Some(spec.warmup + spec.steps),
         ..FinetuneSpec::default()
     };
+    let teacher = if spec.objective.distills() {
+        let other = TrainBenchSpec {
+            seed: spec.seed.wrapping_add(1),
+            ..spec.clone()
+        };
+        Some(random_model(&other, &device)?)
+    } else {
+        None
+    };
+    let teacher_weight_bytes = teacher.as_ref().map_or(0, |t| 4 * t.num_params() as u64);
+    let objective = Objective::from_spec(&schedule, teacher)?;
     let mut trainer = Trainer::from_examples(
         &model,
         &schedule,
         spec.seed,
-        Objective::NextToken,
+        objective,
         examples,
         Vec::new(),
     )?;
@@ -290,6 +319,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         useful_gflops: useful_flops_per_token * tokens_per_s / 1e9,
         first_loss,
         last_loss,
+        teacher_weight_bytes,
         rss_after_setup_bytes,
         peak_rss_bytes: proc_status_bytes("VmHWM"),
     })
@@ -328,6 +358,39 @@ mod tests {
             "{}",
             tied.first_loss
         );
+    }
+
+    /// `kd`: the teacher is a whole second model (its weights counted), and the KL
+    /// between two different random models is positive.
+    #[test]
+    fn distillation_bench_builds_a_teacher() {
+        let spec = TrainBenchSpec {
+            hidden: 32,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 48,
+            vocab: 50,
+            batch: 2,
+            seq_len: 8,
+            warmup: 0,
+            steps: 2,
+            objective: ObjectiveKind::Kd,
+            ..TrainBenchSpec::default()
+        };
+        let r = bench_train(&spec).unwrap();
+        assert_eq!(r.teacher_weight_bytes, 4 * r.base_params);
+        assert!(
+            r.first_loss > 0.0 && r.first_loss.is_finite(),
+            "{}",
+            r.first_loss
+        );
+        let lm = bench_train(&TrainBenchSpec {
+            objective: ObjectiveKind::Lm,
+            ..spec
+        })
+        .unwrap();
+        assert_eq!(lm.teacher_weight_bytes, 0);
     }
 
     #[test]

@@ -125,6 +125,10 @@ pub struct EvalReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<crate::eval::perplexity::PerplexityReport>,
     pub seconds: f64,
+    /// Read from `eval.cache` (an evaluation of the same model and settings) rather
+    /// than run; `seconds` is the original run's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 fn pct(x: f64) -> String {
@@ -147,6 +151,14 @@ impl EvalReport {
             None => "all".to_string(),
         };
         let _ = writeln!(s, "Questions: {limit}. Accuracy in %.\n");
+        if self.cached {
+            let _ = writeln!(
+                s,
+                "Read from `eval.cache`: an earlier evaluation of the same weights, settings \
+                 and seed (its time: {:.0} s).\n",
+                self.seconds
+            );
+        }
         let cols: Vec<&str> = Task::ALL.iter().map(|t| t.column()).collect();
         let _ = writeln!(s, "| {} | {} | Average |", self.label, cols.join(" | "));
         let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(cols.len()));

@@ -146,6 +146,7 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
         protocols,
         perplexity,
         seconds: started.elapsed().as_secs_f64(),
+        cached: false,
     };
     Ok(EvalRun { report, records })
 }

@@ -75,6 +75,11 @@ pub struct EvalSpec {
     /// `ppl`: score only the first N tokens of `ppl_text`.
     #[serde(default)]
     pub ppl_max_tokens: Option<usize>,
+    /// A folder of earlier evaluations (the pipeline's `eval` stage): one of the same
+    /// model (a hash of every weight, adapters included), settings, seed and rora
+    /// version is read back instead of run, and its report says `cached: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<PathBuf>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -204,6 +209,7 @@ impl EvalSpec {
             ppl_text: None,
             ppl_max_len: super::perplexity::default_max_len(),
             ppl_max_tokens: None,
+            cache: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Pipelines: the YAML spec, the stages, the run folder with its manifest, and the
 //! runner that executes the stages in order and writes every file they produce.
 
+pub mod eval_cache;
 pub mod plan;
 pub mod run_dir;
 pub mod run_report;

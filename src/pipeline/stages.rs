@@ -3,6 +3,7 @@
 //! runner does (see `runner::write_outputs`), for a pipeline run and for the `inspect`,
 //! `ppl`, `eval` and `merge` commands, which run these same functions.
 
+use super::eval_cache;
 use super::spec::{InspectSpec, LoadSpec};
 use crate::adapters::{self, AttachSpec};
 use crate::eval::{EvalReport, EvalSpec, PplSpec};
@@ -325,7 +326,29 @@ pub fn prune(spec: &PruneSpec, ctx: &mut StageContext) -> Result<StageOutput<Pru
 
 pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalReport>> {
     let loaded = ctx.model("eval")?;
-    let run = crate::eval::run_eval(spec, &loaded.model, &loaded.tokenizer, ctx.seed)?;
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let run = match &spec.cache {
+        Some(dir) => {
+            let key = eval_cache::key(spec, model, tok, ctx.seed)?;
+            match eval_cache::read(dir, &key, &spec.label)? {
+                Some(run) => {
+                    progress::line(&format!(
+                        "eval {}: read from the cache ({}, entry {key}): the same weights, \
+                         settings and seed were evaluated before",
+                        spec.label,
+                        dir.display()
+                    ));
+                    run
+                }
+                None => {
+                    let run = crate::eval::run_eval(spec, model, tok, ctx.seed)?;
+                    eval_cache::write(dir, &key, &run)?;
+                    run
+                }
+            }
+        }
+        None => crate::eval::run_eval(spec, model, tok, ctx.seed)?,
+    };
     let jsonl = run.records_jsonl()?;
     let md = run.report.to_markdown();
     Ok(StageOutput {

@@ -4,9 +4,13 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
+#[derive(Debug, Clone, Default)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Vertical bars `(x, low, high)` in the series' colour: an interval or the spread
+    /// over seeds at a point.
+    pub bars: Vec<(f64, f64, f64)>,
 }
 
 /// How x values are placed and labelled.
@@ -83,9 +87,23 @@ pub fn line_chart_on(
                 .collect()
         })
         .collect();
-    let pts = placed.iter().flatten();
+    let bars: Vec<Vec<(f64, f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            s.bars
+                .iter()
+                .map(|&(x, lo, hi)| (x_axis.position(x), lo, hi))
+                .filter(|(x, lo, hi)| x.is_finite() && lo.is_finite() && hi.is_finite())
+                .collect()
+        })
+        .collect();
+    let bar_ends = bars
+        .iter()
+        .flatten()
+        .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]);
+    let pts = placed.iter().flatten().copied().chain(bar_ends);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
+    for (x, y) in pts {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
     if x0 > x1 {
@@ -136,6 +154,18 @@ pub fn line_chart_on(
                     .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                     .map_err(|e| anyhow!("{e}"))?;
             }
+            // A bar: its stem and a cap at each end, one percent of the x range wide.
+            let cap = 0.01 * (x1 - x0);
+            let strokes = bars[i].iter().flat_map(|&(x, lo, hi)| {
+                [
+                    vec![(x, lo), (x, hi)],
+                    vec![(x - cap, lo), (x + cap, lo)],
+                    vec![(x - cap, hi), (x + cap, hi)],
+                ]
+            });
+            chart
+                .draw_series(strokes.map(|line| PathElement::new(line, color.stroke_width(1))))
+                .map_err(|e| anyhow!("{e}"))?;
         }
         chart
             .configure_series_labels()
@@ -146,4 +176,45 @@ pub fn line_chart_on(
         root.present().map_err(|e| anyhow!("{e}"))?;
     }
     crate::fsx::atomic_write(path, svg.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bar is three strokes (the stem and two caps) per point, and its ends widen the
+    /// y range: a chart whose bars reach beyond its points still shows them.
+    #[test]
+    fn bars_are_drawn_and_fit_the_axes() {
+        let dir = tempfile::tempdir().unwrap();
+        let draw = |bars: Vec<(f64, f64, f64)>| {
+            let path = dir.path().join("c.svg");
+            let series = [Series {
+                name: "s".into(),
+                points: vec![(8.0, 50.0), (32.0, 52.0), (128.0, 51.0)],
+                bars,
+            }];
+            line_chart_on(&path, "t", "rank", &XAxis::Log2, "acc", &series).unwrap();
+            std::fs::read_to_string(&path).unwrap()
+        };
+        let plain = draw(Vec::new());
+        let with = draw(vec![
+            (8.0, 40.0, 60.0),
+            (32.0, 45.0, 58.0),
+            (128.0, 49.0, 53.0),
+        ]);
+        let strokes = |svg: &str| svg.matches("<line").count() + svg.matches("<polyline").count();
+        assert!(
+            strokes(&with) >= strokes(&plain) + 9,
+            "{} vs {}",
+            strokes(&with),
+            strokes(&plain)
+        );
+        // The y axis reaches the lowest bar end (40), below every point (≥ 50).
+        let has_tick = |svg: &str, tick: &str| svg.lines().any(|l| l.trim() == tick);
+        assert!(
+            has_tick(&with, "40.0") && !has_tick(&plain, "40.0"),
+            "{with}"
+        );
+    }
 }

@@ -319,39 +319,48 @@ impl SweepSummary {
     }
 
     /// The layout's metric against the columns axis, one line per row (against the rows
-    /// axis, one line, without a columns axis).
+    /// axis, one line, without a columns axis); bars span the repeats' min–max.
     fn write_chart(&self, path: &Path) -> Result<()> {
         let metric = self.layout.metric;
         let p = &self.pivot;
-        let mean = |c: &Option<PivotCell>| {
-            c.as_ref()
-                .and_then(|c| c.stats(metric))
-                .map(|s| display_scale(metric) * s.mean)
-        };
         let (x_name, labels): (&str, &[String]) = match &p.column_axis {
             Some(axis) => (axis, &p.columns),
             None => (&self.layout.rows, &p.rows),
         };
         let (axis, xs) = x_axis(labels);
-        let line = |name: String, ys: Vec<Option<f64>>| Series {
-            name,
-            points: xs
+        // The mean, and a bar over the repeats' min–max where there are several.
+        let line = |name: String, cells: &[Option<PivotCell>]| {
+            let stats: Vec<Option<Stats>> = cells
                 .iter()
-                .zip(ys)
-                .filter_map(|(&x, y)| Some((x, y?)))
-                .collect(),
+                .map(|c| c.as_ref().and_then(|c| c.stats(metric)).copied())
+                .collect();
+            let k = display_scale(metric);
+            Series {
+                name,
+                points: xs
+                    .iter()
+                    .zip(&stats)
+                    .filter_map(|(&x, s)| Some((x, k * s.as_ref()?.mean)))
+                    .collect(),
+                bars: xs
+                    .iter()
+                    .zip(&stats)
+                    .filter_map(|(&x, s)| s.filter(|s| s.n > 1).map(|s| (x, k * s.min, k * s.max)))
+                    .collect(),
+            }
         };
         let series: Vec<Series> = match &p.column_axis {
             Some(_) => p
                 .rows
                 .iter()
                 .zip(&p.cells)
-                .map(|(r, cells)| line(r.clone(), cells.iter().map(mean).collect()))
+                .map(|(r, cells)| line(r.clone(), cells))
                 .collect(),
-            None => vec![line(
-                metric.name().to_string(),
-                p.cells.iter().map(|cells| mean(&cells[0])).collect(),
-            )],
+            None => {
+                let firsts: Vec<Option<PivotCell>> =
+                    p.cells.iter().map(|cells| cells[0].clone()).collect();
+                vec![line(metric.name().to_string(), &firsts)]
+            }
         };
         let y_name = match metric {
             Metric::Accuracy => "accuracy %",

@@ -180,20 +180,14 @@ pub fn plot_recovery(run_dir: &Path, log: &[LogLine]) -> Result<Vec<PathBuf>> {
     }
     let mut wrote = Vec::new();
     let pct = |x: f64| 100.0 * x;
-    let mut series = vec![
-        Series {
-            name: "accuracy (pooled)".into(),
-            points: points.iter().map(|(t, p)| (*t, pct(p.accuracy))).collect(),
-        },
-        Series {
-            name: "95% interval, low".into(),
-            points: points.iter().map(|(t, p)| (*t, pct(p.ci95[0]))).collect(),
-        },
-        Series {
-            name: "95% interval, high".into(),
-            points: points.iter().map(|(t, p)| (*t, pct(p.ci95[1]))).collect(),
-        },
-    ];
+    let mut series = vec![Series {
+        name: "accuracy (pooled), 95% Wilson interval".into(),
+        points: points.iter().map(|(t, p)| (*t, pct(p.accuracy))).collect(),
+        bars: points
+            .iter()
+            .map(|(t, p)| (*t, pct(p.ci95[0]), pct(p.ci95[1])))
+            .collect(),
+    }];
     let norm: Vec<(f64, f64)> = points
         .iter()
         .filter_map(|(t, p)| Some((*t, pct(p.acc_norm?))))
@@ -202,6 +196,7 @@ pub fn plot_recovery(run_dir: &Path, log: &[LogLine]) -> Result<Vec<PathBuf>> {
         series.push(Series {
             name: "acc_norm (pooled)".into(),
             points: norm,
+            ..Series::default()
         });
     }
     let questions = points[0].1.questions;
@@ -223,6 +218,7 @@ pub fn plot_recovery(run_dir: &Path, log: &[LogLine]) -> Result<Vec<PathBuf>> {
         let series = [Series {
             name: "held-out perplexity".into(),
             points: ppl,
+            ..Series::default()
         }];
         line_chart(
             &path,

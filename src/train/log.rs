@@ -91,6 +91,7 @@ pub fn plot_losses(path: &Path, log: &[LogLine]) -> Result<()> {
             .iter()
             .filter_map(|l| Some((l.step as f64, l.loss()?)))
             .collect(),
+        ..Series::default()
     }];
     let val: Vec<(f64, f64)> = log
         .iter()
@@ -100,6 +101,7 @@ pub fn plot_losses(path: &Path, log: &[LogLine]) -> Result<()> {
         series.push(Series {
             name: "val loss".into(),
             points: val,
+            ..Series::default()
         });
     }
     line_chart(path, "Fine-tuning loss", "step", "loss", &series)

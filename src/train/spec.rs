@@ -77,15 +77,18 @@ pub struct FinetuneSpec {
 /// The `teacher` value naming the model before `prune`.
 pub const PRE_PRUNE: &str = "pre_prune";
 
-/// `finetune.objective`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `finetune.objective` (and `recover bench train --objective`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum ObjectiveKind {
     #[default]
     #[serde(rename = "lm")]
+    #[value(name = "lm")]
     Lm,
     #[serde(rename = "kd")]
+    #[value(name = "kd")]
     Kd,
     #[serde(rename = "kd+lm")]
+    #[value(name = "kd+lm")]
     KdLm,
 }
 

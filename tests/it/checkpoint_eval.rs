@@ -118,7 +118,9 @@ fn checkpoint_eval_draws_a_paired_recovery_curve_and_resumes() {
     assert!(log[0].eval.as_ref().unwrap().vs_start.is_none());
 
     let svg = std::fs::read_to_string(run.join("recovery-curve.svg")).unwrap();
-    assert!(svg.contains("accuracy (pooled)") && svg.contains("acc_norm (pooled)"));
+    assert!(
+        svg.contains("accuracy (pooled), 95% Wilson interval") && svg.contains("acc_norm (pooled)")
+    );
     assert!(run.join("recovery-perplexity.svg").is_file());
 }
 

@@ -6,6 +6,7 @@ mod checkpoint_eval;
 mod cli_pipeline;
 mod common;
 mod distill;
+mod eval_cache;
 mod eval_models;
 mod eval_smollm2;
 mod eval_tasks;
