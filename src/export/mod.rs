@@ -1,14 +1,19 @@
-//! The `export` stage: the merged model as a Hugging Face folder, the adapter alone in
-//! PEFT's format, and a check that the merged folder computes what the adapted model did.
+//! The `export` stage: the merged model as a Hugging Face folder and as a GGUF file for
+//! llama.cpp, the adapter alone in PEFT's format, and a check that each merged model, as
+//! reloaded, computes what the adapted model did.
 
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod merged;
+
+pub use gguf::{GgufDtype, GgufExport};
 
 use crate::adapters::{peft, AttachSpec};
 use crate::model::{self, DtypeName, LoadedModel, ModelSource};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -16,6 +21,12 @@ pub struct ExportSpec {
     /// Folder for the merged Hugging Face model (relative: inside the run folder).
     #[serde(default)]
     pub merged: Option<PathBuf>,
+    /// GGUF file for llama.cpp, the merged model (relative: inside the run folder).
+    #[serde(default)]
+    pub gguf: Option<PathBuf>,
+    /// Weight type of the GGUF file: f32, f16 (default), bf16 or q8_0.
+    #[serde(default)]
+    pub gguf_dtype: GgufDtype,
     /// Folder for the adapter alone (PEFT format; relative: inside the run folder).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
@@ -45,8 +56,8 @@ fn yes() -> bool {
 
 impl ExportSpec {
     pub fn validate(&self) -> Result<()> {
-        if self.merged.is_none() && self.adapter.is_none() {
-            bail!("export needs `merged: DIR`, `adapter: DIR` or both");
+        if self.merged.is_none() && self.adapter.is_none() && self.gguf.is_none() {
+            bail!("export needs at least one of `merged: DIR`, `gguf: FILE`, `adapter: DIR`");
         }
         merged::parse_size(&self.max_shard_size)?;
         Ok(())
@@ -60,6 +71,10 @@ pub struct ExportReport {
     /// Max |logit difference| between the reloaded merged model and the adapted model.
     pub verify_max_abs_diff: Option<f64>,
     pub verify_tolerance: Option<f64>,
+    pub gguf: Option<GgufExport>,
+    /// Max |logit difference| between the reloaded GGUF and the adapted model.
+    pub gguf_verify_max_abs_diff: Option<f64>,
+    pub gguf_verify_tolerance: Option<f64>,
     pub warnings: Vec<String>,
 }
 
@@ -86,6 +101,9 @@ pub fn export(
         adapter: None,
         verify_max_abs_diff: None,
         verify_tolerance: None,
+        gguf: None,
+        gguf_verify_max_abs_diff: None,
+        gguf_verify_tolerance: None,
         warnings: Vec::new(),
     };
     if let Some(dir) = &spec.adapter {
@@ -118,7 +136,7 @@ pub fn export(
         }
         report.merged = Some(info);
         if spec.verify {
-            let (diff, scale) = compare_logits(loaded, dir)?;
+            let (diff, scale) = compare_logits(loaded, &ModelSource::Folder(dir.clone()))?;
             let tolerance = verify_tolerance(dtype) * scale.max(1.0);
             report.verify_max_abs_diff = Some(diff);
             report.verify_tolerance = Some(tolerance);
@@ -132,14 +150,33 @@ pub fn export(
             }
         }
     }
+    if let Some(path) = &spec.gguf {
+        let info = gguf::write_gguf(loaded, path, spec.gguf_dtype)?;
+        report.gguf = Some(info);
+        if spec.verify {
+            let (diff, scale) = compare_logits(loaded, &ModelSource::Gguf(path.clone()))?;
+            let tolerance = spec.gguf_dtype.tolerance() * scale.max(1.0);
+            report.gguf_verify_max_abs_diff = Some(diff);
+            report.gguf_verify_tolerance = Some(tolerance);
+            if diff.is_nan() || diff > tolerance {
+                bail!(
+                    "the GGUF model {} differs from the adapted model by {diff:.3e} in the \
+                     logits (tolerance {tolerance:.3e} for {}); the export is wrong, please \
+                     report it",
+                    path.display(),
+                    spec.gguf_dtype.name()
+                );
+            }
+        }
+    }
     Ok(report)
 }
 
-/// Max |logit difference| on a fixed text between the adapted model and the merged
-/// folder, and max |logit| of the adapted model. The merged folder runs in the adapted
-/// model's dtype, so the difference measures the export (merge and rounding to the
-/// export dtype), not a change of compute precision.
-fn compare_logits(loaded: &LoadedModel, dir: &Path) -> Result<(f64, f64)> {
+/// Max |logit difference| on a fixed text between the adapted model and the exported
+/// model reloaded from `exported`, and max |logit| of the adapted model. The export runs
+/// in the adapted model's dtype, so the difference measures the export (merge and
+/// rounding to the export dtype), not a change of compute precision.
+pub fn compare_logits(loaded: &LoadedModel, exported: &ModelSource) -> Result<(f64, f64)> {
     let text =
         "The quick brown fox jumps over the lazy dog. Once upon a time, a little girl found a key.";
     let mut ids = loaded.tokenizer.encode(text, true)?;
@@ -150,11 +187,7 @@ fn compare_logits(loaded: &LoadedModel, dir: &Path) -> Result<(f64, f64)> {
         .model
         .forward(&input, None, None)?
         .to_dtype(DType::F32)?;
-    let reloaded = model::load(
-        &ModelSource::Folder(dir.to_path_buf()),
-        loaded.model.dtype(),
-        device,
-    )?;
+    let reloaded = model::load(exported, loaded.model.dtype(), device)?;
     let merged = reloaded
         .model
         .forward(&input, None, None)?

@@ -267,7 +267,10 @@ fn teacher(spec: &FinetuneSpec, ctx: &StageContext) -> Result<Option<Llama>> {
 pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<ExportReport>> {
     // Relative export folders live in the run folder (`merged/`, `adapter/`).
     let mut spec = spec.clone();
-    for dir in [&mut spec.merged, &mut spec.adapter].into_iter().flatten() {
+    for dir in [&mut spec.merged, &mut spec.adapter, &mut spec.gguf]
+        .into_iter()
+        .flatten()
+    {
         *dir = ctx.in_run_dir(dir);
     }
     let loaded = ctx.model("export")?;
@@ -284,6 +287,23 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
     if let (Some(d), Some(t)) = (report.verify_max_abs_diff, report.verify_tolerance) {
         progress::line(&format!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"));
     }
+    if let Some(g) = &report.gguf {
+        progress::line(&format!(
+            "GGUF model ({}, architecture {}, {} tensors) written to {}",
+            g.dtype,
+            g.architecture,
+            g.tensors,
+            g.path.display()
+        ));
+    }
+    if let (Some(d), Some(t)) = (
+        report.gguf_verify_max_abs_diff,
+        report.gguf_verify_tolerance,
+    ) {
+        progress::line(&format!(
+            "verified: reloaded GGUF model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"
+        ));
+    }
     if let Some(a) = &report.adapter {
         progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
     }
@@ -294,6 +314,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .merged
         .iter()
         .map(|m| m.dir.clone())
+        .chain(report.gguf.iter().map(|g| g.path.clone()))
         .chain(report.adapter.clone())
         .collect();
     Ok(StageOutput {

@@ -44,6 +44,8 @@ fn export_spec(
 ) -> ExportSpec {
     ExportSpec {
         merged: merged.map(Path::to_path_buf),
+        gguf: None,
+        gguf_dtype: Default::default(),
         adapter: adapter.map(Path::to_path_buf),
         dtype,
         max_shard_size: shard.into(),

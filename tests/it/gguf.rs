@@ -176,7 +176,7 @@ fn stories_gguf_spec() -> GgufSpec {
     spec
 }
 
-fn write_stories_gguf(dir: &Path) -> PathBuf {
+pub(crate) fn write_stories_gguf(dir: &Path) -> PathBuf {
     let path = dir.join("stories260K.gguf");
     stories_gguf_spec().write(&path);
     path
@@ -186,7 +186,7 @@ fn error_text(e: anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-const SENTENCES: &[&str] = &[
+pub(crate) const SENTENCES: &[&str] = &[
     "Once upon a time, there was a little girl named Lily.",
     "She had 3 cats and 12 dogs; they were 100% happy!",
     "Tom said: \"Let's go to the park?\" (It was 5:30 p.m.)",
@@ -545,7 +545,7 @@ fn llama3_rope_freqs_become_rope_scaling() {
 // GPT-2 style byte-level BPE from metadata
 
 /// GPT-2's byte → printable character table.
-fn bytes_to_unicode() -> Vec<char> {
+pub(crate) fn bytes_to_unicode() -> Vec<char> {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
         .chain(0xA1..=0xAC)
         .chain(0xAE..=0xFF)
