@@ -163,6 +163,10 @@ pub struct MergeArgs {
     /// Output folder for the merged Hugging Face model (written atomically).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also (or instead) write the merged model zero-padded to the widest layer widths, a
+    /// folder stock transformers loads.
+    #[arg(long)]
+    pub out_uniform: Option<PathBuf>,
     /// Also (or instead) write the merged model as one GGUF file for llama.cpp.
     #[arg(long)]
     pub gguf: Option<PathBuf>,
@@ -358,14 +362,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn merge(a: MergeArgs) -> Result<()> {
     let dtype: DtypeName = a.dtype.parse()?;
     let gguf_dtype: crate::export::GgufDtype = a.gguf_dtype.parse()?;
-    if a.out.is_none() && a.gguf.is_none() {
-        bail!("recover merge needs --out DIR, --gguf FILE or both");
+    if a.out.is_none() && a.out_uniform.is_none() && a.gguf.is_none() {
+        bail!("recover merge needs --out DIR, --out-uniform DIR or --gguf FILE");
     }
     // Merging is done in f32 whatever the export dtype.
     let mut ctx = loaded(&a.model, DtypeName::F32, 0)?;
     attach_folder(&a.adapter, &mut ctx)?;
     let spec = crate::export::ExportSpec {
         merged: a.out,
+        merged_uniform: a.out_uniform,
         gguf: a.gguf,
         gguf_dtype,
         adapter: None,

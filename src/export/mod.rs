@@ -5,8 +5,10 @@
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod merged;
+pub mod padded;
 
 pub use gguf::{GgufDtype, GgufExport};
+pub use merged::Layout;
 
 use crate::adapters::{peft, AttachSpec};
 use crate::model::{self, DtypeName, LoadedModel, ModelSource};
@@ -21,6 +23,11 @@ pub struct ExportSpec {
     /// Folder for the merged Hugging Face model (relative: inside the run folder).
     #[serde(default)]
     pub merged: Option<PathBuf>,
+    /// Folder for the merged model with every layer zero-padded to the widest widths, which
+    /// stock `transformers` loads (relative: inside the run folder). Same function, no size
+    /// savings.
+    #[serde(default)]
+    pub merged_uniform: Option<PathBuf>,
     /// GGUF file for llama.cpp, the merged model (relative: inside the run folder).
     #[serde(default)]
     pub gguf: Option<PathBuf>,
@@ -56,8 +63,17 @@ fn yes() -> bool {
 
 impl ExportSpec {
     pub fn validate(&self) -> Result<()> {
-        if self.merged.is_none() && self.adapter.is_none() && self.gguf.is_none() {
-            bail!("export needs at least one of `merged: DIR`, `gguf: FILE`, `adapter: DIR`");
+        let outputs = [
+            &self.merged,
+            &self.merged_uniform,
+            &self.gguf,
+            &self.adapter,
+        ];
+        if outputs.iter().all(|o| o.is_none()) {
+            bail!(
+                "export needs at least one of `merged: DIR`, `merged_uniform: DIR`, \
+                 `gguf: FILE`, `adapter: DIR`"
+            );
         }
         merged::parse_size(&self.max_shard_size)?;
         Ok(())
@@ -71,11 +87,19 @@ pub struct ExportReport {
     /// Max |logit difference| between the reloaded merged model and the adapted model.
     pub verify_max_abs_diff: Option<f64>,
     pub verify_tolerance: Option<f64>,
+    /// The zero-padded folder stock `transformers` loads.
+    pub merged_uniform: Option<merged::MergedExport>,
+    pub merged_uniform_verify: Option<Verified>,
     pub gguf: Option<GgufExport>,
-    /// Max |logit difference| between the reloaded GGUF and the adapted model.
-    pub gguf_verify_max_abs_diff: Option<f64>,
-    pub gguf_verify_tolerance: Option<f64>,
+    pub gguf_verify: Option<Verified>,
     pub warnings: Vec<String>,
+}
+
+/// How closely a reloaded export reproduces the adapted model's logits.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Verified {
+    pub max_abs_diff: f64,
+    pub tolerance: f64,
 }
 
 /// Allowed max |Δlogit| relative to max(1, max |logit|): the rounding of the export
@@ -86,6 +110,29 @@ pub fn verify_tolerance(dtype: DType) -> f64 {
         DType::F16 => 1e-2,
         _ => 1e-4,
     }
+}
+
+/// Reloads `exported` and checks its logits against the adapted model's within
+/// `relative` × max(1, max |logit|); an error names `what` and the format `format`.
+fn verify(
+    loaded: &LoadedModel,
+    exported: &ModelSource,
+    relative: f64,
+    what: &str,
+    format: &str,
+) -> Result<Verified> {
+    let (diff, scale) = compare_logits(loaded, exported)?;
+    let tolerance = relative * scale.max(1.0);
+    if diff.is_nan() || diff > tolerance {
+        bail!(
+            "the {what} {exported} differs from the adapted model by {diff:.3e} in the logits \
+             (tolerance {tolerance:.3e} for {format}); the export is wrong, please report it"
+        );
+    }
+    Ok(Verified {
+        max_abs_diff: diff,
+        tolerance,
+    })
 }
 
 /// Runs the export for a loaded (possibly adapted) model. `attach` describes the
@@ -101,9 +148,10 @@ pub fn export(
         adapter: None,
         verify_max_abs_diff: None,
         verify_tolerance: None,
+        merged_uniform: None,
+        merged_uniform_verify: None,
         gguf: None,
-        gguf_verify_max_abs_diff: None,
-        gguf_verify_tolerance: None,
+        gguf_verify: None,
         warnings: Vec::new(),
     };
     if let Some(dir) = &spec.adapter {
@@ -119,54 +167,51 @@ pub fn export(
         peft::write_adapter(&loaded.model, attach, Some(base), dir)?;
         report.adapter = Some(dir.clone());
     }
+    let dtype = spec.dtype.dtype();
+    let shard = merged::parse_size(&spec.max_shard_size)?;
     if let Some(dir) = &spec.merged {
-        let dtype = spec.dtype.dtype();
-        let info = merged::write_merged(
-            loaded,
-            dir,
-            dtype,
-            merged::parse_size(&spec.max_shard_size)?,
-        )?;
+        let info = merged::write_merged(loaded, dir, dtype, shard, Layout::Native)?;
         if !info.uniform {
             report.warnings.push(format!(
                 "{} has a different width per layer (rora's `layer_shapes` in config.json): rora loads it, \
-                 stock transformers cannot",
+                 stock transformers cannot (`merged_uniform:` writes a zero-padded folder it loads)",
                 dir.display()
             ));
         }
         report.merged = Some(info);
         if spec.verify {
-            let (diff, scale) = compare_logits(loaded, &ModelSource::Folder(dir.clone()))?;
-            let tolerance = verify_tolerance(dtype) * scale.max(1.0);
-            report.verify_max_abs_diff = Some(diff);
-            report.verify_tolerance = Some(tolerance);
-            if diff.is_nan() || diff > tolerance {
-                bail!(
-                    "the merged model in {} differs from the adapted model by {diff:.3e} in the logits \
-                     (tolerance {tolerance:.3e} for {}); the export is wrong, please report it",
-                    dir.display(),
-                    model::dtype_name(dtype)
-                );
-            }
+            let source = ModelSource::Folder(dir.clone());
+            let v = verify(
+                loaded,
+                &source,
+                verify_tolerance(dtype),
+                "merged model",
+                model::dtype_name(dtype),
+            )?;
+            report.verify_max_abs_diff = Some(v.max_abs_diff);
+            report.verify_tolerance = Some(v.tolerance);
+        }
+    }
+    if let Some(dir) = &spec.merged_uniform {
+        let info = merged::write_merged(loaded, dir, dtype, shard, Layout::Padded)?;
+        report.merged_uniform = Some(info);
+        if spec.verify {
+            let source = ModelSource::Folder(dir.clone());
+            report.merged_uniform_verify = Some(verify(
+                loaded,
+                &source,
+                verify_tolerance(dtype),
+                "zero-padded merged model",
+                model::dtype_name(dtype),
+            )?);
         }
     }
     if let Some(path) = &spec.gguf {
-        let info = gguf::write_gguf(loaded, path, spec.gguf_dtype)?;
-        report.gguf = Some(info);
+        report.gguf = Some(gguf::write_gguf(loaded, path, spec.gguf_dtype)?);
         if spec.verify {
-            let (diff, scale) = compare_logits(loaded, &ModelSource::Gguf(path.clone()))?;
-            let tolerance = spec.gguf_dtype.tolerance() * scale.max(1.0);
-            report.gguf_verify_max_abs_diff = Some(diff);
-            report.gguf_verify_tolerance = Some(tolerance);
-            if diff.is_nan() || diff > tolerance {
-                bail!(
-                    "the GGUF model {} differs from the adapted model by {diff:.3e} in the \
-                     logits (tolerance {tolerance:.3e} for {}); the export is wrong, please \
-                     report it",
-                    path.display(),
-                    spec.gguf_dtype.name()
-                );
-            }
+            let source = ModelSource::Gguf(path.clone());
+            let (tolerance, name) = (spec.gguf_dtype.tolerance(), spec.gguf_dtype.name());
+            report.gguf_verify = Some(verify(loaded, &source, tolerance, "GGUF model", name)?);
         }
     }
     Ok(report)

@@ -267,10 +267,13 @@ fn teacher(spec: &FinetuneSpec, ctx: &StageContext) -> Result<Option<Llama>> {
 pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<ExportReport>> {
     // Relative export folders live in the run folder (`merged/`, `adapter/`).
     let mut spec = spec.clone();
-    for dir in [&mut spec.merged, &mut spec.adapter, &mut spec.gguf]
-        .into_iter()
-        .flatten()
-    {
+    let outputs = [
+        &mut spec.merged,
+        &mut spec.merged_uniform,
+        &mut spec.adapter,
+        &mut spec.gguf,
+    ];
+    for dir in outputs.into_iter().flatten() {
         *dir = ctx.in_run_dir(dir);
     }
     let loaded = ctx.model("export")?;
@@ -296,13 +299,24 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
             g.path.display()
         ));
     }
-    if let (Some(d), Some(t)) = (
-        report.gguf_verify_max_abs_diff,
-        report.gguf_verify_tolerance,
-    ) {
+    if let Some(m) = &report.merged_uniform {
         progress::line(&format!(
-            "verified: reloaded GGUF model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"
+            "zero-padded merged model ({}, loads in stock transformers) written to {}",
+            m.dtype,
+            m.dir.display()
         ));
+    }
+    let verified = [
+        ("zero-padded merged", report.merged_uniform_verify),
+        ("GGUF", report.gguf_verify),
+    ];
+    for (what, v) in verified {
+        if let Some(v) = v {
+            progress::line(&format!(
+                "verified: reloaded {what} model matches the adapted one (max |Δlogit| {:.2e} ≤ {:.2e})",
+                v.max_abs_diff, v.tolerance
+            ));
+        }
     }
     if let Some(a) = &report.adapter {
         progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
@@ -314,6 +328,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .merged
         .iter()
         .map(|m| m.dir.clone())
+        .chain(report.merged_uniform.iter().map(|m| m.dir.clone()))
         .chain(report.gguf.iter().map(|g| g.path.clone()))
         .chain(report.adapter.clone())
         .collect();

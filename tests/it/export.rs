@@ -44,6 +44,7 @@ fn export_spec(
 ) -> ExportSpec {
     ExportSpec {
         merged: merged.map(Path::to_path_buf),
+        merged_uniform: None,
         gguf: None,
         gguf_dtype: Default::default(),
         adapter: adapter.map(Path::to_path_buf),

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 fn gguf_spec(path: &Path, dtype: GgufDtype, verify: bool) -> ExportSpec {
     ExportSpec {
         merged: None,
+        merged_uniform: None,
         gguf: Some(path.to_path_buf()),
         gguf_dtype: dtype,
         adapter: None,

@@ -11,6 +11,7 @@ mod eval_smollm2;
 mod eval_tasks;
 mod export;
 mod export_gguf;
+mod export_padded;
 mod finetune;
 mod fused;
 mod gguf;
