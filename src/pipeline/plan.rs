@@ -129,9 +129,14 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
                 .as_ref()
                 .map_or(String::new(), |r| format!("against {r}")),
             Stage::Prune(p) => format!(
-                "MLP {:.0}%, heads {:.0}%",
+                "MLP {:.0}%, heads {:.0}%{}",
                 100.0 * p.mlp_ratio,
-                100.0 * p.head_ratio
+                100.0 * p.head_ratio,
+                if p.multiple_of > 1 {
+                    format!(", MLP widths multiples of {}", p.multiple_of)
+                } else {
+                    String::new()
+                }
             ),
             Stage::Ppl(p) => format!("on {}", p.text.display()),
             Stage::Inspect(None) => String::new(),
