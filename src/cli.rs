@@ -374,6 +374,7 @@ fn merge(a: MergeArgs) -> Result<()> {
         gguf: a.gguf,
         gguf_dtype,
         adapter: None,
+        adapter_gguf: None,
         dtype,
         max_shard_size: a.max_shard_size,
         base_model_name_or_path: None,

@@ -14,6 +14,7 @@
 //!   converter does.
 //! - The tokenizer in its source's form ([`super::gguf_tokenizer`]).
 
+use super::gguf_adapter::fresh_cpu;
 use super::gguf_tokenizer::tokenizer_metadata;
 use super::merged::merged_tensors;
 use crate::fsx;
@@ -120,7 +121,7 @@ pub fn write_gguf(loaded: &LoadedModel, path: &Path, dtype: GgufDtype) -> Result
     let shapes = &m.layer_shapes;
     check_expressible(shapes)?;
     let uniform = shapes.windows(2).all(|w| w[0] == w[1]);
-    let arch = if uniform { "llama" } else { "deci" };
+    let arch = architecture(shapes);
     let vocab_rows = m.embed_tokens.dim(0)?;
 
     let mut metadata = model_metadata(loaded, arch, uniform, dtype)?;
@@ -147,6 +148,27 @@ pub fn write_gguf(loaded: &LoadedModel, path: &Path, dtype: GgufDtype) -> Result
         bytes: std::fs::metadata(path)?.len(),
         f16_fallback,
     })
+}
+
+/// llama.cpp's architecture for a model with these layer widths: `llama` when they agree,
+/// `deci` otherwise (an adapter GGUF must name its base model's).
+pub fn architecture(shapes: &[LayerShape]) -> &'static str {
+    if shapes.windows(2).all(|w| w[0] == w[1]) {
+        "llama"
+    } else {
+        "deci"
+    }
+}
+
+/// The model's name for `general.name`: the source's file or folder name, or hub repo.
+pub fn model_name(source: &ModelSource) -> String {
+    match source {
+        ModelSource::Folder(p) | ModelSource::Gguf(p) => p
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        ModelSource::Hub { repo, .. } => repo.clone(),
+    }
 }
 
 /// A layer llama.cpp cannot run as rora does: `deci` skips a layer with MLP width 0 whole,
@@ -184,13 +206,7 @@ fn model_metadata(
     let u32_of = |x: usize, what: &str| {
         u32::try_from(x).map_err(|_| anyhow!("{what} {x} does not fit llama.cpp's 32 bits"))
     };
-    let name = match &loaded.source {
-        ModelSource::Folder(p) | ModelSource::Gguf(p) => p
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default(),
-        ModelSource::Hub { repo, .. } => repo.clone(),
-    };
+    let name = model_name(&loaded.source);
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(name)),
@@ -309,18 +325,6 @@ fn gguf_tensors(
         ));
     }
     Ok((out, fallback))
-}
-
-/// A contiguous f32 copy on the CPU with storage of its own (`QTensor::quantize` reads a
-/// view's whole storage).
-fn fresh_cpu(t: &Tensor) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let v: Vec<f32> = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
 }
 
 #[cfg(test)]

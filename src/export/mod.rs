@@ -3,6 +3,7 @@
 //! reloaded, computes what the adapted model did.
 
 pub mod gguf;
+pub mod gguf_adapter;
 pub mod gguf_tokenizer;
 pub mod merged;
 pub mod padded;
@@ -34,6 +35,10 @@ pub struct ExportSpec {
     /// Weight type of the GGUF file: f32, f16 (default), bf16 or q8_0.
     #[serde(default)]
     pub gguf_dtype: GgufDtype,
+    /// The adapter alone as a GGUF file for llama.cpp's `--lora` (relative: inside the run
+    /// folder). LoRA and RoRA; DoRA is refused.
+    #[serde(default)]
+    pub adapter_gguf: Option<PathBuf>,
     /// Folder for the adapter alone (PEFT format; relative: inside the run folder).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
@@ -68,11 +73,12 @@ impl ExportSpec {
             &self.merged_uniform,
             &self.gguf,
             &self.adapter,
+            &self.adapter_gguf,
         ];
         if outputs.iter().all(|o| o.is_none()) {
             bail!(
                 "export needs at least one of `merged: DIR`, `merged_uniform: DIR`, \
-                 `gguf: FILE`, `adapter: DIR`"
+                 `gguf: FILE`, `adapter: DIR`, `adapter_gguf: FILE`"
             );
         }
         merged::parse_size(&self.max_shard_size)?;
@@ -92,6 +98,7 @@ pub struct ExportReport {
     pub merged_uniform_verify: Option<Verified>,
     pub gguf: Option<GgufExport>,
     pub gguf_verify: Option<Verified>,
+    pub adapter_gguf: Option<gguf_adapter::AdapterGgufExport>,
     pub warnings: Vec<String>,
 }
 
@@ -152,6 +159,7 @@ pub fn export(
         merged_uniform_verify: None,
         gguf: None,
         gguf_verify: None,
+        adapter_gguf: None,
         warnings: Vec::new(),
     };
     if let Some(dir) = &spec.adapter {
@@ -166,6 +174,9 @@ pub fn export(
             .unwrap_or_else(|| loaded.source.to_string());
         peft::write_adapter(&loaded.model, attach, Some(base), dir)?;
         report.adapter = Some(dir.clone());
+    }
+    if let Some(path) = &spec.adapter_gguf {
+        report.adapter_gguf = Some(gguf_adapter::write_adapter_gguf(loaded, path)?);
     }
     let dtype = spec.dtype.dtype();
     let shard = merged::parse_size(&spec.max_shard_size)?;

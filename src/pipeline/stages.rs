@@ -272,6 +272,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         &mut spec.merged_uniform,
         &mut spec.adapter,
         &mut spec.gguf,
+        &mut spec.adapter_gguf,
     ];
     for dir in outputs.into_iter().flatten() {
         *dir = ctx.in_run_dir(dir);
@@ -318,6 +319,14 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
             ));
         }
     }
+    if let Some(a) = &report.adapter_gguf {
+        progress::line(&format!(
+            "adapter (llama.cpp --lora GGUF, {} pairs, adapter.lora.alpha {}) written to {}",
+            a.pairs,
+            a.alpha,
+            a.path.display()
+        ));
+    }
     if let Some(a) = &report.adapter {
         progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
     }
@@ -330,6 +339,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .map(|m| m.dir.clone())
         .chain(report.merged_uniform.iter().map(|m| m.dir.clone()))
         .chain(report.gguf.iter().map(|g| g.path.clone()))
+        .chain(report.adapter_gguf.iter().map(|a| a.path.clone()))
         .chain(report.adapter.clone())
         .collect();
     Ok(StageOutput {

@@ -21,6 +21,7 @@ fn gguf_spec(path: &Path, dtype: GgufDtype, verify: bool) -> ExportSpec {
         gguf: Some(path.to_path_buf()),
         gguf_dtype: dtype,
         adapter: None,
+        adapter_gguf: None,
         dtype: DtypeName::F32,
         max_shard_size: "5GB".into(),
         base_model_name_or_path: None,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// llama.cpp's `convert_hf_to_gguf.py` q/k permutation, written out independently of
 /// the crate: `w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)`.
-fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
+pub(crate) fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
     let (rows, cols) = w.dims2().unwrap();
     w.reshape((n_head, 2, rows / n_head / 2, cols))
         .unwrap()

@@ -10,6 +10,7 @@ mod eval_models;
 mod eval_smollm2;
 mod eval_tasks;
 mod export;
+mod export_adapter_gguf;
 mod export_gguf;
 mod export_padded;
 mod finetune;
