@@ -375,6 +375,7 @@ fn merge(a: MergeArgs) -> Result<()> {
         gguf_dtype,
         adapter: None,
         adapter_gguf: None,
+        gguf_base: None,
         dtype,
         max_shard_size: a.max_shard_size,
         base_model_name_or_path: None,

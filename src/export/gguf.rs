@@ -16,7 +16,7 @@
 
 use super::gguf_adapter::fresh_cpu;
 use super::gguf_tokenizer::tokenizer_metadata;
-use super::merged::merged_tensors;
+use super::merged::model_tensors;
 use crate::fsx;
 use crate::model::gguf::{llama3_divisors, permute_qk};
 use crate::model::schema::{Projection, TensorRole, GGUF_ROPE_FREQS};
@@ -115,8 +115,22 @@ pub struct GgufExport {
     pub f16_fallback: Vec<String>,
 }
 
-/// Writes the merged model to `path` (through a temporary file beside it).
-pub fn write_gguf(loaded: &LoadedModel, path: &Path, dtype: GgufDtype) -> Result<GgufExport> {
+/// Which weights a GGUF export holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// Adapters merged in: the recovered model.
+    Merged,
+    /// Adapters left out: the base an `adapter_gguf` file applies to (`--lora`).
+    Base,
+}
+
+/// Writes the model to `path` (through a temporary file beside it).
+pub fn write_gguf(
+    loaded: &LoadedModel,
+    path: &Path,
+    dtype: GgufDtype,
+    weights: Weights,
+) -> Result<GgufExport> {
     let m = &loaded.model;
     let shapes = &m.layer_shapes;
     check_expressible(shapes)?;
@@ -133,7 +147,7 @@ pub fn write_gguf(loaded: &LoadedModel, path: &Path, dtype: GgufDtype) -> Result
         )
     })?);
 
-    let (tensors, f16_fallback) = gguf_tensors(loaded, dtype)?;
+    let (tensors, f16_fallback) = gguf_tensors(loaded, dtype, weights)?;
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     fsx::atomic_write_with(path, |w| {
@@ -268,15 +282,16 @@ fn model_metadata(
     Ok(md)
 }
 
-/// Every tensor under its llama.cpp name, adapters merged (in f32), q/k permuted,
+/// Every tensor under its llama.cpp name, adapters merged (in f32) or left out, q/k permuted,
 /// quantized; and the names that fell back to f16.
 fn gguf_tensors(
     loaded: &LoadedModel,
     dtype: GgufDtype,
+    weights: Weights,
 ) -> Result<(Vec<(String, QTensor)>, Vec<String>)> {
     let m = &loaded.model;
     let head_dim = m.config.head_dim();
-    let mut hf = merged_tensors(loaded, DType::F32)?;
+    let mut hf = model_tensors(loaded, DType::F32, weights == Weights::Merged)?;
     let tied = m.lm_head.is_none();
     let mut out = Vec::new();
     let mut fallback = Vec::new();

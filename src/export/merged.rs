@@ -24,6 +24,16 @@ const TOKENIZER_FILES: [&str; 4] = [
 
 /// Every tensor of the model under its Hugging Face name, adapters merged, in `dtype`.
 pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+    model_tensors(loaded, dtype, true)
+}
+
+/// Every tensor under its Hugging Face name in `dtype`, with the adapters merged in or
+/// (`merge_adapters: false`) left out: the base model they sit on.
+pub fn model_tensors(
+    loaded: &LoadedModel,
+    dtype: DType,
+    merge_adapters: bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let m = &loaded.model;
     let mut out = BTreeMap::new();
     out.insert(EMBED_TOKENS.to_string(), m.embed_tokens.to_dtype(dtype)?);
@@ -40,7 +50,7 @@ pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<Str
         }
     }
     for (i, path, linear) in m.projections() {
-        let w = match linear.adapter() {
+        let w = match linear.adapter().filter(|_| merge_adapters) {
             Some(adapter) => merged_weight(linear.weight(), adapter, dtype)?,
             None => linear.weight().to_dtype(dtype)?,
         };

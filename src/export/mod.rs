@@ -35,6 +35,10 @@ pub struct ExportSpec {
     /// Weight type of the GGUF file: f32, f16 (default), bf16 or q8_0.
     #[serde(default)]
     pub gguf_dtype: GgufDtype,
+    /// The model without its adapters as a GGUF file (in `gguf_dtype`): the base that
+    /// `adapter_gguf` applies to with llama.cpp's `--lora`, pruned like the model.
+    #[serde(default)]
+    pub gguf_base: Option<PathBuf>,
     /// The adapter alone as a GGUF file for llama.cpp's `--lora` (relative: inside the run
     /// folder). LoRA and RoRA; DoRA is refused.
     #[serde(default)]
@@ -74,11 +78,12 @@ impl ExportSpec {
             &self.gguf,
             &self.adapter,
             &self.adapter_gguf,
+            &self.gguf_base,
         ];
         if outputs.iter().all(|o| o.is_none()) {
             bail!(
                 "export needs at least one of `merged: DIR`, `merged_uniform: DIR`, \
-                 `gguf: FILE`, `adapter: DIR`, `adapter_gguf: FILE`"
+                 `gguf: FILE`, `adapter: DIR`, `adapter_gguf: FILE`, `gguf_base: FILE`"
             );
         }
         merged::parse_size(&self.max_shard_size)?;
@@ -99,6 +104,7 @@ pub struct ExportReport {
     pub gguf: Option<GgufExport>,
     pub gguf_verify: Option<Verified>,
     pub adapter_gguf: Option<gguf_adapter::AdapterGgufExport>,
+    pub gguf_base: Option<GgufExport>,
     pub warnings: Vec<String>,
 }
 
@@ -160,6 +166,7 @@ pub fn export(
         gguf: None,
         gguf_verify: None,
         adapter_gguf: None,
+        gguf_base: None,
         warnings: Vec::new(),
     };
     if let Some(dir) = &spec.adapter {
@@ -218,12 +225,17 @@ pub fn export(
         }
     }
     if let Some(path) = &spec.gguf {
-        report.gguf = Some(gguf::write_gguf(loaded, path, spec.gguf_dtype)?);
+        let merged = gguf::Weights::Merged;
+        report.gguf = Some(gguf::write_gguf(loaded, path, spec.gguf_dtype, merged)?);
         if spec.verify {
             let source = ModelSource::Gguf(path.clone());
             let (tolerance, name) = (spec.gguf_dtype.tolerance(), spec.gguf_dtype.name());
             report.gguf_verify = Some(verify(loaded, &source, tolerance, "GGUF model", name)?);
         }
+    }
+    if let Some(path) = &spec.gguf_base {
+        let base = gguf::Weights::Base;
+        report.gguf_base = Some(gguf::write_gguf(loaded, path, spec.gguf_dtype, base)?);
     }
     Ok(report)
 }

@@ -273,6 +273,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         &mut spec.adapter,
         &mut spec.gguf,
         &mut spec.adapter_gguf,
+        &mut spec.gguf_base,
     ];
     for dir in outputs.into_iter().flatten() {
         *dir = ctx.in_run_dir(dir);
@@ -319,6 +320,13 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
             ));
         }
     }
+    if let Some(g) = &report.gguf_base {
+        progress::line(&format!(
+            "base model without adapters (GGUF {}, for --lora) written to {}",
+            g.dtype,
+            g.path.display()
+        ));
+    }
     if let Some(a) = &report.adapter_gguf {
         progress::line(&format!(
             "adapter (llama.cpp --lora GGUF, {} pairs, adapter.lora.alpha {}) written to {}",
@@ -340,6 +348,7 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .chain(report.merged_uniform.iter().map(|m| m.dir.clone()))
         .chain(report.gguf.iter().map(|g| g.path.clone()))
         .chain(report.adapter_gguf.iter().map(|a| a.path.clone()))
+        .chain(report.gguf_base.iter().map(|g| g.path.clone()))
         .chain(report.adapter.clone())
         .collect();
     Ok(StageOutput {

@@ -156,3 +156,61 @@ fn dora_is_refused_with_a_reason() {
     assert!(msg.contains("gguf:"), "{msg}");
     assert!(!path.exists());
 }
+
+/// `gguf_base` (the model without its adapters) plus the adapter file, combined by
+/// llama.cpp's rule `W + (alpha / r)·B·A` tensor by tensor, is the merged `gguf` export;
+/// and the base alone reloads to the unadapted model's logits.
+#[test]
+fn base_gguf_plus_adapter_gguf_is_the_merged_gguf() {
+    let mut loaded = load_stories();
+    let attach = spec(Method::Rora, &[("v_proj", 2)], &[]);
+    adapters::attach(&mut loaded.model, &attach, 1).unwrap();
+    randomize_adapters(&loaded.model, 4);
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter, merged) = (
+        tmp.path().join("base.gguf"),
+        tmp.path().join("adapter.gguf"),
+        tmp.path().join("merged.gguf"),
+    );
+    let spec: ExportSpec = serde_yaml_ng::from_str(&format!(
+        "gguf: {}\ngguf_base: {}\nadapter_gguf: {}\ngguf_dtype: f32\n",
+        merged.display(),
+        base.display(),
+        adapter.display()
+    ))
+    .unwrap();
+    export::export(&loaded, Some(&attach), &spec).unwrap();
+    let open = |p: &Path| Content::read(&mut std::fs::File::open(p).unwrap()).unwrap();
+    let (cb, ca, cm) = (open(&base), open(&adapter), open(&merged));
+    let alpha = ca.metadata["adapter.lora.alpha"].to_f32().unwrap() as f64;
+    let mut checked = 0;
+    for name in cm.tensor_infos.keys() {
+        let w_base = read(&cb, &base, name);
+        let w_merged = read(&cm, &merged, name);
+        let want = if ca.tensor_infos.contains_key(&format!("{name}.lora_a")) {
+            let a = read(&ca, &adapter, &format!("{name}.lora_a"));
+            let b = read(&ca, &adapter, &format!("{name}.lora_b"));
+            let rank = b.dim(1).unwrap() as f64;
+            checked += 1;
+            (w_base + (b.matmul(&a).unwrap() * (alpha / rank)).unwrap()).unwrap()
+        } else {
+            w_base
+        };
+        let d = max_abs_diff(&want, &w_merged);
+        assert!(d <= 1e-6, "{name}: {d}");
+    }
+    assert_eq!(checked, 6 * 5);
+    let plain = load_stories();
+    let ids = ids_tensor(&plain.tokenizer.encode("Once upon a time", true).unwrap());
+    let back = rora::model::load(
+        &rora::model::ModelSource::Gguf(base.clone()),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let d = max_abs_diff(
+        &back.model.forward(&ids, None, None).unwrap(),
+        &plain.model.forward(&ids, None, None).unwrap(),
+    );
+    assert!(d <= 1e-5, "{d}");
+}

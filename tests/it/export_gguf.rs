@@ -22,6 +22,7 @@ fn gguf_spec(path: &Path, dtype: GgufDtype, verify: bool) -> ExportSpec {
         gguf_dtype: dtype,
         adapter: None,
         adapter_gguf: None,
+        gguf_base: None,
         dtype: DtypeName::F32,
         max_shard_size: "5GB".into(),
         base_model_name_or_path: None,

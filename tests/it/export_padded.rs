@@ -64,6 +64,7 @@ fn padded_folder_loads_as_a_plain_llama_with_the_same_logits() {
         gguf_dtype: Default::default(),
         adapter: None,
         adapter_gguf: None,
+        gguf_base: None,
         dtype: DtypeName::F32,
         max_shard_size: "5GB".into(),
         base_model_name_or_path: None,
