@@ -484,3 +484,64 @@ fn llama3_rope_scaling_round_trips() {
         serde_json::to_value(&loaded.model.config.rope_scaling).unwrap()
     );
 }
+
+/// Mean next-token cross-entropy of `ids` (the first token only conditions).
+fn nll(m: &LoadedModel, ids: &[u32]) -> f32 {
+    use candle_core::{IndexOp, D};
+    let logits = m.model.forward(&ids_tensor(ids), None, None).unwrap();
+    let n = ids.len() - 1;
+    let logp = candle_nn::ops::log_softmax(&logits.i((0, 0..n)).unwrap(), D::Minus1).unwrap();
+    let targets = candle_core::Tensor::new(&ids[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    logp.gather(&targets, 1)
+        .unwrap()
+        .neg()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The real SmolLM2-135M GGUF (byte-level BPE, SmolLM pre-tokenizer, chat template) out
+/// as q8_0 and back: its tokenizer keys are the source's, the ids the same, and the
+/// perplexity of an English paragraph within 2% of the source's.
+#[test]
+fn smollm2_exports_as_q8_0_and_reloads() {
+    let path = crate::gguf::smollm2_path();
+    if !path.is_file() {
+        rora::require::skip_or_fail(
+            "smollm2",
+            &format!(
+                "{} is absent; fetch it with scripts/fetch-smollm2.sh",
+                path.display()
+            ),
+        );
+        return;
+    }
+    let src = model::load(&ModelSource::Gguf(path.clone()), DType::F32, &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2-q8_0.gguf");
+    let report = export::export(&src, None, &gguf_spec(&out, GgufDtype::Q8_0, false)).unwrap();
+    let info = report.gguf.unwrap();
+    assert_eq!(info.architecture, "llama");
+    assert!(info.f16_fallback.is_empty(), "{:?}", info.f16_fallback);
+    let back = model::load(&ModelSource::Gguf(out.clone()), DType::F32, &Device::Cpu).unwrap();
+    let (md, _) = metadata(&out);
+    assert_eq!(string(&md, "tokenizer.ggml.pre"), "smollm");
+    assert!(md.contains_key("tokenizer.chat_template"));
+    let mut ids = vec![0u32];
+    ids.extend(src.tokenizer.encode(crate::gguf::PARAGRAPH, false).unwrap());
+    let mut again = vec![0u32];
+    again.extend(
+        back.tokenizer
+            .encode(crate::gguf::PARAGRAPH, false)
+            .unwrap(),
+    );
+    assert_eq!(again, ids);
+    let (a, b) = (nll(&src, &ids).exp(), nll(&back, &ids).exp());
+    println!("SmolLM2 perplexity: source Q4_1 {a:.3}, exported q8_0 {b:.3}");
+    assert!((a - b).abs() <= 0.02 * a, "{a} vs {b}");
+}

@@ -679,7 +679,7 @@ fn gpt2_tokenizer_from_metadata_round_trips() {
 
 /// `$RORA_SMOLLM2_GGUF`, default `${RORA_CACHE:-$HOME/.cache/rora}/models/...`, where
 /// scripts/fetch-smollm2.sh puts it.
-fn smollm2_path() -> PathBuf {
+pub(crate) fn smollm2_path() -> PathBuf {
     if let Some(p) = std::env::var_os("RORA_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
@@ -691,7 +691,8 @@ fn smollm2_path() -> PathBuf {
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-const PARAGRAPH: &str = "The town library opened early on Saturday morning. A few people were \
+pub(crate) const PARAGRAPH: &str =
+    "The town library opened early on Saturday morning. A few people were \
 already waiting outside, holding bags of books they wanted to return. Inside, the librarian \
 turned on the lights and started the coffee machine in the small reading room. Children \
 gathered near the big window, where a volunteer read stories about animals and faraway \
