@@ -102,16 +102,26 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
                 f.max_steps
                     .map_or(format!("{} epochs", f.epochs), |m| format!("{m} steps"))
             ),
-            Stage::Export(e) => format!(
-                "merged {} / adapter {} ({:?})",
-                e.merged
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-                e.adapter
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-                e.dtype
-            ),
+            Stage::Export(e) => {
+                let outputs = [
+                    ("merged", &e.merged),
+                    ("merged_uniform", &e.merged_uniform),
+                    ("gguf", &e.gguf),
+                    ("gguf_base", &e.gguf_base),
+                    ("adapter", &e.adapter),
+                    ("adapter_gguf", &e.adapter_gguf),
+                ];
+                let listed: Vec<String> = outputs
+                    .iter()
+                    .filter_map(|(k, p)| p.as_ref().map(|p| format!("{k} {}", p.display())))
+                    .collect();
+                format!(
+                    "{} ({:?}; GGUF {})",
+                    listed.join(", "),
+                    e.dtype,
+                    e.gguf_dtype.name()
+                )
+            }
             Stage::Eval(e) => format!(
                 "`{}`: {} ({:?}){}",
                 e.label,
