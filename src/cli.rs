@@ -160,9 +160,19 @@ pub struct MergeArgs {
     /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output folder (written atomically).
+    /// Output folder for the merged Hugging Face model (written atomically).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
+    /// Also (or instead) write the merged model zero-padded to the widest layer widths, a
+    /// folder stock transformers loads.
+    #[arg(long)]
+    pub out_uniform: Option<PathBuf>,
+    /// Also (or instead) write the merged model as one GGUF file for llama.cpp.
+    #[arg(long)]
+    pub gguf: Option<PathBuf>,
+    /// Weight type of the GGUF file: f32, f16, bf16 or q8_0.
+    #[arg(long, default_value = "f16")]
+    pub gguf_dtype: String,
     /// dtype of the merged weights: bf16, f16 or f32 (merging is done in f32).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
@@ -351,12 +361,21 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn merge(a: MergeArgs) -> Result<()> {
     let dtype: DtypeName = a.dtype.parse()?;
+    let gguf_dtype: crate::export::GgufDtype = a.gguf_dtype.parse()?;
+    if a.out.is_none() && a.out_uniform.is_none() && a.gguf.is_none() {
+        bail!("recover merge needs --out DIR, --out-uniform DIR or --gguf FILE");
+    }
     // Merging is done in f32 whatever the export dtype.
     let mut ctx = loaded(&a.model, DtypeName::F32, 0)?;
     attach_folder(&a.adapter, &mut ctx)?;
     let spec = crate::export::ExportSpec {
-        merged: Some(a.out),
+        merged: a.out,
+        merged_uniform: a.out_uniform,
+        gguf: a.gguf,
+        gguf_dtype,
         adapter: None,
+        adapter_gguf: None,
+        gguf_base: None,
         dtype,
         max_shard_size: a.max_shard_size,
         base_model_name_or_path: None,

@@ -4,10 +4,11 @@
 //! folder that is renamed into place at the end, so an interrupted export leaves no
 //! half folder at the destination.
 
+use super::padded;
 use crate::adapters::merge::merged_weight;
 use crate::fsx;
 use crate::model::schema::{layer_prefix, LayerNorm, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
-use crate::model::{dtype_name, DtypeName, LoadedModel};
+use crate::model::{dtype_name, DtypeName, LayerShape, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -23,6 +24,16 @@ const TOKENIZER_FILES: [&str; 4] = [
 
 /// Every tensor of the model under its Hugging Face name, adapters merged, in `dtype`.
 pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+    model_tensors(loaded, dtype, true)
+}
+
+/// Every tensor under its Hugging Face name in `dtype`, with the adapters merged in or
+/// (`merge_adapters: false`) left out: the base model they sit on.
+pub fn model_tensors(
+    loaded: &LoadedModel,
+    dtype: DType,
+    merge_adapters: bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let m = &loaded.model;
     let mut out = BTreeMap::new();
     out.insert(EMBED_TOKENS.to_string(), m.embed_tokens.to_dtype(dtype)?);
@@ -39,7 +50,7 @@ pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<Str
         }
     }
     for (i, path, linear) in m.projections() {
-        let w = match linear.adapter() {
+        let w = match linear.adapter().filter(|_| merge_adapters) {
             Some(adapter) => merged_weight(linear.weight(), adapter, dtype)?,
             None => linear.weight().to_dtype(dtype)?,
         };
@@ -48,13 +59,31 @@ pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<BTreeMap<Str
     Ok(out)
 }
 
+/// How a merged folder holds a model whose layers have different widths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Each layer at its own width, `layer_shapes` in config.json (rora reads it).
+    Native,
+    /// Every layer zero-padded to the widest widths: a plain config stock
+    /// `transformers` loads (see [`super::padded`]).
+    Padded,
+}
+
 /// config.json for the exported model: the source config with the real widths. A
-/// uniform model gets them in the standard keys; a non-uniform one also gets
-/// `layer_shapes`, which only rora reads.
-pub fn export_config(loaded: &LoadedModel, dtype: DType) -> Result<serde_json::Value> {
+/// uniform model (or a padded one, at the widest widths) gets them in the standard keys;
+/// a non-uniform one also gets `layer_shapes`, which only rora reads.
+pub fn export_config(
+    loaded: &LoadedModel,
+    dtype: DType,
+    layout: Layout,
+) -> Result<serde_json::Value> {
     let m = &loaded.model;
     let mut cfg = m.config.clone();
-    let shapes = &m.layer_shapes;
+    let widest = [padded::widest(&m.layer_shapes)];
+    let shapes: &[LayerShape] = match layout {
+        Layout::Native => &m.layer_shapes,
+        Layout::Padded => &widest,
+    };
     let uniform = shapes.windows(2).all(|w| w[0] == w[1]);
     cfg.head_dim = Some(cfg.head_dim());
     cfg.tie_word_embeddings = Some(m.lm_head.is_none());
@@ -71,7 +100,7 @@ pub fn export_config(loaded: &LoadedModel, dtype: DType) -> Result<serde_json::V
             .unwrap_or(0);
         cfg.num_key_value_heads = shapes.iter().map(|s| s.num_key_value_heads).max();
         cfg.intermediate_size = shapes.iter().map(|s| s.intermediate_size).max();
-        cfg.layer_shapes = Some(shapes.clone());
+        cfg.layer_shapes = Some(shapes.to_vec());
     }
     let mut v = serde_json::to_value(&cfg)?;
     let obj = v
@@ -144,6 +173,7 @@ pub fn write_merged(
     dir: &Path,
     dtype: DType,
     max_shard_bytes: u64,
+    layout: Layout,
 ) -> Result<MergedExport> {
     let parent = dir
         .parent()
@@ -162,7 +192,7 @@ pub fn write_merged(
         );
     }
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_folder(loaded, &tmp, dtype, max_shard_bytes);
+    let result = write_folder(loaded, &tmp, dtype, max_shard_bytes, layout);
     let info = match result {
         Ok(info) => info,
         Err(e) => {
@@ -190,10 +220,18 @@ fn write_folder(
     tmp: &Path,
     dtype: DType,
     max_shard_bytes: u64,
+    layout: Layout,
 ) -> Result<MergedExport> {
     std::fs::create_dir(tmp)
         .with_context(|| format!("cannot create {} (is the folder writable?)", tmp.display()))?;
-    let tensors = merged_tensors(loaded, dtype)?;
+    let mut tensors = merged_tensors(loaded, dtype)?;
+    if layout == Layout::Padded {
+        tensors = padded::pad_to_widest(
+            tensors,
+            &loaded.model.layer_shapes,
+            loaded.model.config.head_dim(),
+        )?;
+    }
     let shards = plan_shards(&tensors, max_shard_bytes);
     let total: u64 = tensors
         .values()
@@ -221,7 +259,10 @@ fn write_folder(
             serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
         fsx::write_json(&tmp.join("model.safetensors.index.json"), &index)?;
     }
-    fsx::write_json(&tmp.join("config.json"), &export_config(loaded, dtype)?)?;
+    fsx::write_json(
+        &tmp.join("config.json"),
+        &export_config(loaded, dtype, layout)?,
+    )?;
     let cfg = &loaded.model.config;
     let generation = serde_json::json!({
         "_from_model_config": true,
@@ -256,6 +297,7 @@ fn write_folder(
         dtype: dtype_name(dtype).to_string(),
         shards: n,
         bytes: total,
-        uniform: loaded.model.layer_shapes.windows(2).all(|w| w[0] == w[1]),
+        uniform: layout == Layout::Padded
+            || loaded.model.layer_shapes.windows(2).all(|w| w[0] == w[1]),
     })
 }

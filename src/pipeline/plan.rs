@@ -102,16 +102,26 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
                 f.max_steps
                     .map_or(format!("{} epochs", f.epochs), |m| format!("{m} steps"))
             ),
-            Stage::Export(e) => format!(
-                "merged {} / adapter {} ({:?})",
-                e.merged
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-                e.adapter
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-                e.dtype
-            ),
+            Stage::Export(e) => {
+                let outputs = [
+                    ("merged", &e.merged),
+                    ("merged_uniform", &e.merged_uniform),
+                    ("gguf", &e.gguf),
+                    ("gguf_base", &e.gguf_base),
+                    ("adapter", &e.adapter),
+                    ("adapter_gguf", &e.adapter_gguf),
+                ];
+                let listed: Vec<String> = outputs
+                    .iter()
+                    .filter_map(|(k, p)| p.as_ref().map(|p| format!("{k} {}", p.display())))
+                    .collect();
+                format!(
+                    "{} ({:?}; GGUF {})",
+                    listed.join(", "),
+                    e.dtype,
+                    e.gguf_dtype.name()
+                )
+            }
             Stage::Eval(e) => format!(
                 "`{}`: {} ({:?}){}",
                 e.label,
@@ -129,9 +139,14 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
                 .as_ref()
                 .map_or(String::new(), |r| format!("against {r}")),
             Stage::Prune(p) => format!(
-                "MLP {:.0}%, heads {:.0}%",
+                "MLP {:.0}%, heads {:.0}%{}",
                 100.0 * p.mlp_ratio,
-                100.0 * p.head_ratio
+                100.0 * p.head_ratio,
+                if p.multiple_of > 1 {
+                    format!(", MLP widths multiples of {}", p.multiple_of)
+                } else {
+                    String::new()
+                }
             ),
             Stage::Ppl(p) => format!("on {}", p.text.display()),
             Stage::Inspect(None) => String::new(),

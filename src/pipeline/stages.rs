@@ -268,7 +268,15 @@ fn teacher(spec: &FinetuneSpec, ctx: &StageContext) -> Result<Option<Llama>> {
 pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<ExportReport>> {
     // Relative export folders live in the run folder (`merged/`, `adapter/`).
     let mut spec = spec.clone();
-    for dir in [&mut spec.merged, &mut spec.adapter].into_iter().flatten() {
+    let outputs = [
+        &mut spec.merged,
+        &mut spec.merged_uniform,
+        &mut spec.adapter,
+        &mut spec.gguf,
+        &mut spec.adapter_gguf,
+        &mut spec.gguf_base,
+    ];
+    for dir in outputs.into_iter().flatten() {
         *dir = ctx.in_run_dir(dir);
     }
     let loaded = ctx.model("export")?;
@@ -285,6 +293,49 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
     if let (Some(d), Some(t)) = (report.verify_max_abs_diff, report.verify_tolerance) {
         progress::line(&format!("verified: reloaded merged model matches the adapted one (max |Δlogit| {d:.2e} ≤ {t:.2e})"));
     }
+    if let Some(g) = &report.gguf {
+        progress::line(&format!(
+            "GGUF model ({}, architecture {}, {} tensors) written to {}",
+            g.dtype,
+            g.architecture,
+            g.tensors,
+            g.path.display()
+        ));
+    }
+    if let Some(m) = &report.merged_uniform {
+        progress::line(&format!(
+            "zero-padded merged model ({}, loads in stock transformers) written to {}",
+            m.dtype,
+            m.dir.display()
+        ));
+    }
+    let verified = [
+        ("zero-padded merged", report.merged_uniform_verify),
+        ("GGUF", report.gguf_verify),
+    ];
+    for (what, v) in verified {
+        if let Some(v) = v {
+            progress::line(&format!(
+                "verified: reloaded {what} model matches the adapted one (max |Δlogit| {:.2e} ≤ {:.2e})",
+                v.max_abs_diff, v.tolerance
+            ));
+        }
+    }
+    if let Some(g) = &report.gguf_base {
+        progress::line(&format!(
+            "base model without adapters (GGUF {}, for --lora) written to {}",
+            g.dtype,
+            g.path.display()
+        ));
+    }
+    if let Some(a) = &report.adapter_gguf {
+        progress::line(&format!(
+            "adapter (llama.cpp --lora GGUF, {} pairs, adapter.lora.alpha {}) written to {}",
+            a.pairs,
+            a.alpha,
+            a.path.display()
+        ));
+    }
     if let Some(a) = &report.adapter {
         progress::line(&format!("adapter (PEFT format) written to {}", a.display()));
     }
@@ -295,6 +346,10 @@ pub fn export(spec: &ExportSpec, ctx: &mut StageContext) -> Result<StageOutput<E
         .merged
         .iter()
         .map(|m| m.dir.clone())
+        .chain(report.merged_uniform.iter().map(|m| m.dir.clone()))
+        .chain(report.gguf.iter().map(|g| g.path.clone()))
+        .chain(report.adapter_gguf.iter().map(|a| a.path.clone()))
+        .chain(report.gguf_base.iter().map(|g| g.path.clone()))
         .chain(report.adapter.clone())
         .collect();
     Ok(StageOutput {

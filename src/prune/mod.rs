@@ -38,6 +38,12 @@ pub struct PruneSpec {
     /// Per-layer ratios overriding the uniform ones: `{5: {mlp_ratio: 0.6}}`.
     #[serde(default)]
     pub per_layer: BTreeMap<usize, LayerRatios>,
+    /// Keep every pruned layer's MLP width a multiple of this (kernels and q8_0's blocks
+    /// of 32 like multiples of 32 or 64): the count the ratio gives is rounded up, and the
+    /// importance ranking decides which extra channels stay. A layer narrower than the
+    /// rounded count stays whole. Heads are removed in whole groups already.
+    #[serde(default = "d_multiple_of")]
+    pub multiple_of: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +61,18 @@ fn d_samples() -> usize {
 fn d_seq() -> usize {
     128
 }
+fn d_multiple_of() -> usize {
+    1
+}
+
+/// Channels an MLP of `width` keeps when `ratio` of them is removed: at least one, rounded
+/// up to a multiple of `multiple_of`, never more than `width`.
+pub fn kept_mlp_width(width: usize, ratio: f64, multiple_of: usize) -> usize {
+    let keep = (width - (width as f64 * ratio).round() as usize).max(1);
+    keep.div_ceil(multiple_of)
+        .saturating_mul(multiple_of)
+        .min(width)
+}
 
 impl PruneSpec {
     pub fn validate(&self) -> Result<()> {
@@ -68,6 +86,9 @@ impl PruneSpec {
             if !(0.0..1.0).contains(&r) {
                 bail!("prune ratios must be in [0, 1), got {r}");
             }
+        }
+        if self.multiple_of == 0 {
+            bail!("prune.multiple_of must be at least 1 (1: any width)");
         }
         if self.n_samples == 0 || self.seq_len < 2 {
             bail!("prune needs n_samples ≥ 1 and seq_len ≥ 2");
@@ -180,7 +201,7 @@ pub fn prune(model: &mut Llama, tok: &TextTokenizer, spec: &PruneSpec) -> Result
                 layer.mlp.down_proj.weight(),
                 &down_rec.lock().expect("recorder").sum_sq,
             )?;
-            let keep = top_k(&scores, mlp0 - (mlp0 as f64 * mlp_ratio).round() as usize);
+            let keep = top_k(&scores, kept_mlp_width(mlp0, mlp_ratio, spec.multiple_of));
             let idx = index_tensor(&keep, layer.mlp.down_proj.weight())?;
             let mlp = &mut layer.mlp;
             mlp.gate_proj = Linear::new(mlp.gate_proj.weight().index_select(&idx, 0)?);
@@ -267,4 +288,21 @@ fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
 fn index_tensor(idx: &[usize], like: &Tensor) -> Result<Tensor> {
     let v: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     Ok(Tensor::from_vec(v, idx.len(), like.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kept_widths_round_up_to_the_multiple() {
+        use super::kept_mlp_width;
+        assert_eq!(kept_mlp_width(172, 0.5, 1), 86);
+        assert_eq!(kept_mlp_width(172, 0.5, 32), 96);
+        assert_eq!(kept_mlp_width(1536, 0.5, 64), 768);
+        assert_eq!(kept_mlp_width(100, 0.99, 32), 32);
+        assert_eq!(
+            kept_mlp_width(40, 0.5, 64),
+            40,
+            "never wider than the layer"
+        );
+    }
 }

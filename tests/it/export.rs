@@ -44,7 +44,12 @@ fn export_spec(
 ) -> ExportSpec {
     ExportSpec {
         merged: merged.map(Path::to_path_buf),
+        merged_uniform: None,
+        gguf: None,
+        gguf_dtype: Default::default(),
         adapter: adapter.map(Path::to_path_buf),
+        adapter_gguf: None,
+        gguf_base: None,
         dtype,
         max_shard_size: shard.into(),
         base_model_name_or_path: Some("stories260K".into()),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// llama.cpp's `convert_hf_to_gguf.py` q/k permutation, written out independently of
 /// the crate: `w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)`.
-fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
+pub(crate) fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
     let (rows, cols) = w.dims2().unwrap();
     w.reshape((n_head, 2, rows / n_head / 2, cols))
         .unwrap()
@@ -176,7 +176,7 @@ fn stories_gguf_spec() -> GgufSpec {
     spec
 }
 
-fn write_stories_gguf(dir: &Path) -> PathBuf {
+pub(crate) fn write_stories_gguf(dir: &Path) -> PathBuf {
     let path = dir.join("stories260K.gguf");
     stories_gguf_spec().write(&path);
     path
@@ -186,7 +186,7 @@ fn error_text(e: anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-const SENTENCES: &[&str] = &[
+pub(crate) const SENTENCES: &[&str] = &[
     "Once upon a time, there was a little girl named Lily.",
     "She had 3 cats and 12 dogs; they were 100% happy!",
     "Tom said: \"Let's go to the park?\" (It was 5:30 p.m.)",
@@ -545,7 +545,7 @@ fn llama3_rope_freqs_become_rope_scaling() {
 // GPT-2 style byte-level BPE from metadata
 
 /// GPT-2's byte → printable character table.
-fn bytes_to_unicode() -> Vec<char> {
+pub(crate) fn bytes_to_unicode() -> Vec<char> {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
         .chain(0xA1..=0xAC)
         .chain(0xAE..=0xFF)
@@ -679,7 +679,7 @@ fn gpt2_tokenizer_from_metadata_round_trips() {
 
 /// `$RORA_SMOLLM2_GGUF`, default `${RORA_CACHE:-$HOME/.cache/rora}/models/...`, where
 /// scripts/fetch-smollm2.sh puts it.
-fn smollm2_path() -> PathBuf {
+pub(crate) fn smollm2_path() -> PathBuf {
     if let Some(p) = std::env::var_os("RORA_SMOLLM2_GGUF") {
         return PathBuf::from(p);
     }
@@ -691,7 +691,8 @@ fn smollm2_path() -> PathBuf {
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-const PARAGRAPH: &str = "The town library opened early on Saturday morning. A few people were \
+pub(crate) const PARAGRAPH: &str =
+    "The town library opened early on Saturday morning. A few people were \
 already waiting outside, holding bags of books they wanted to return. Inside, the librarian \
 turned on the lights and started the coffee machine in the small reading room. Children \
 gathered near the big window, where a volunteer read stories about animals and faraway \

@@ -186,3 +186,33 @@ fn prune_pipeline_reports_shapes_against_the_dense_model() {
     assert_eq!(inspect["layers"][0]["pruned_ratio"].as_f64().unwrap(), 0.0);
     assert!(run.join("prune.json").is_file());
 }
+
+/// `multiple_of: 32` rounds 172 × (1 − 0.5) = 86 kept channels up to 96, and the 96 are
+/// exactly the ones the ranking keeps when asked for 96 directly (ratio 76/172).
+#[test]
+fn multiple_of_rounds_widths_up_and_keeps_the_most_important_channels() {
+    let loaded = load_stories();
+    let mut rounded = loaded.model.clone();
+    let mut s = spec(0.5, 0.0);
+    s.multiple_of = 32;
+    prune::prune(&mut rounded, &loaded.tokenizer, &s).unwrap();
+    let mut direct = loaded.model.clone();
+    prune::prune(&mut direct, &loaded.tokenizer, &spec(76.0 / 172.0, 0.0)).unwrap();
+    let mut plain = loaded.model.clone();
+    prune::prune(&mut plain, &loaded.tokenizer, &spec(0.5, 0.0)).unwrap();
+    for i in 0..loaded.model.num_layers() {
+        assert_eq!(rounded.layer_shapes[i].intermediate_size, 96, "layer {i}");
+        assert_eq!(plain.layer_shapes[i].intermediate_size, 86, "layer {i}");
+        let dense_gate = loaded.model.layers[i].mlp.gate_proj.weight();
+        let kept =
+            |m: &rora::model::Llama| kept_rows(dense_gate, m.layers[i].mlp.gate_proj.weight());
+        assert_eq!(kept(&rounded), kept(&direct), "layer {i}");
+        assert!(kept(&plain).is_subset(&kept(&rounded)), "layer {i}");
+    }
+    let mut bad = spec(0.5, 0.0);
+    bad.multiple_of = 0;
+    let msg = prune::prune(&mut plain, &loaded.tokenizer, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("multiple_of"), "{msg}");
+}

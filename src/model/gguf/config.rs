@@ -13,6 +13,11 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
+/// The `general.architecture` values rora loads: LLaMA, and `deci` (llama.cpp's LLaMA whose
+/// layers each have their own head counts and MLP width, the form rora exports a pruned
+/// model in). Both use the same tensor names and q/k permutation.
+pub const ARCHITECTURES: [&str; 2] = ["llama", "deci"];
+
 /// The config of the GGUF file at `path` (header `content`, data through `reader`).
 pub(super) fn read(
     path: &Path,
@@ -24,15 +29,18 @@ pub(super) fn read(
         path,
     };
     let arch = meta.str("general.architecture")?;
-    if arch != "llama" {
+    if !ARCHITECTURES.contains(&arch) {
         bail!(
             "GGUF file {} holds a `{arch}` model (general.architecture); rora loads only \
-             LLaMA-architecture models (`llama`)",
+             LLaMA-architecture models (`llama`, or `deci`: llama.cpp's LLaMA with per-layer \
+             widths)",
             path.display()
         );
     }
-    let hidden = meta.usize("llama.embedding_length")?;
-    let layers = meta.usize("llama.block_count")?;
+    // Every hyperparameter key is prefixed with the architecture's name.
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = meta.usize(&key("embedding_length"))?;
+    let layers = meta.usize(&key("block_count"))?;
     if hidden == 0 || layers == 0 {
         bail!(
             "GGUF file {} says embedding_length {hidden}, block_count {layers}; both must be \
@@ -40,20 +48,21 @@ pub(super) fn read(
             path.display()
         );
     }
-    let heads = per_layer(&meta, "llama.attention.head_count", layers)?;
-    let kv_heads = match meta.opt("llama.attention.head_count_kv") {
-        Some(_) => per_layer(&meta, "llama.attention.head_count_kv", layers)?,
+    let heads = per_layer(&meta, &key("attention.head_count"), layers)?;
+    let kv_heads = match meta.opt(&key("attention.head_count_kv")) {
+        Some(_) => per_layer(&meta, &key("attention.head_count_kv"), layers)?,
         None => heads.clone(),
     };
-    let ffn = per_layer(&meta, "llama.feed_forward_length", layers)?;
-    let context = meta.usize("llama.context_length")?;
-    let theta = meta.opt_f64("llama.rope.freq_base")?.unwrap_or(10_000.0);
+    let ffn = per_layer(&meta, &key("feed_forward_length"), layers)?;
+    let context = meta.usize(&key("context_length"))?;
+    let theta = meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let eps = meta
-        .opt_f64("llama.attention.layer_norm_rms_epsilon")?
+        .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
         .ok_or_else(|| {
             anyhow!(
-                "GGUF file {} has no metadata key `llama.attention.layer_norm_rms_epsilon`",
-                path.display()
+                "GGUF file {} has no metadata key `{}`",
+                path.display(),
+                key("attention.layer_norm_rms_epsilon")
             )
         })?;
     // f32 metadata: 1e-5 arrives as 9.999999747378752e-06; round to 7 significant digits.
@@ -68,9 +77,9 @@ pub(super) fn read(
         );
     }
     let default_head_dim = hidden / heads_max;
-    let head_dim = match meta.opt_usize("llama.attention.key_length")? {
+    let head_dim = match meta.opt_usize(&key("attention.key_length"))? {
         Some(k) => k,
-        None => match (&heads, meta.opt_usize("llama.rope.dimension_count")?) {
+        None => match (&heads, meta.opt_usize(&key("rope.dimension_count"))?) {
             (PerLayer::Each(_), Some(r)) => r,
             _ => default_head_dim,
         },
@@ -83,6 +92,7 @@ pub(super) fn read(
     }
 
     let declared = Declared {
+        arch,
         heads: &heads,
         kv_heads: &kv_heads,
         ffn: &ffn,
@@ -107,7 +117,7 @@ pub(super) fn read(
         .tensor_infos
         .contains_key(&TensorRole::Head.gguf_name());
 
-    let rope_scaling = rope_scaling(path, content, reader, &meta, head_dim, theta)?;
+    let rope_scaling = rope_scaling(path, content, reader, &meta, arch, head_dim, theta)?;
     let (bos_token_id, eos_token_id) = special_tokens(&meta)?;
 
     // Keys rora does not read but an exported config.json should carry.
@@ -156,6 +166,7 @@ fn rows(path: &Path, content: &Content, name: &str) -> Result<usize> {
 
 /// The per-layer widths the metadata declares.
 struct Declared<'a> {
+    arch: &'a str,
     heads: &'a PerLayer,
     kv_heads: &'a PerLayer,
     ffn: &'a PerLayer,
@@ -192,19 +203,19 @@ fn layer_shapes(
         };
         let checks = [
             (
-                "llama.attention.head_count",
+                format!("{}.attention.head_count", declared.arch),
                 declared.heads,
                 found.num_attention_heads,
                 Projection::Q,
             ),
             (
-                "llama.attention.head_count_kv",
+                format!("{}.attention.head_count_kv", declared.arch),
                 declared.kv_heads,
                 found.num_key_value_heads,
                 Projection::K,
             ),
             (
-                "llama.feed_forward_length",
+                format!("{}.feed_forward_length", declared.arch),
                 declared.ffn,
                 found.intermediate_size,
                 Projection::Gate,
@@ -327,11 +338,13 @@ fn rope_scaling(
     content: &Content,
     reader: &mut BufReader<File>,
     meta: &Meta,
+    arch: &str,
     head_dim: usize,
     theta: f64,
 ) -> Result<Option<RopeScaling>> {
-    if let Some(kind) = meta.opt_str("llama.rope.scaling.type")? {
-        let factor = meta.opt_f64("llama.rope.scaling.factor")?.unwrap_or(1.0);
+    let key = |k: &str| format!("{arch}.{k}");
+    if let Some(kind) = meta.opt_str(&key("rope.scaling.type"))? {
+        let factor = meta.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0);
         if !matches!(kind, "none" | "") && factor != 1.0 {
             bail!(
                 "GGUF file {} uses RoPE scaling `{kind}` (factor {factor}); rora supports only \
@@ -358,7 +371,7 @@ fn rope_scaling(
     }
     let factor = found.iter().copied().fold(f32::MIN, f32::max) as f64;
     let mut contexts = vec![8192usize, 4096, 2048, 16384, 32768, 65536, 131072];
-    if let Some(c) = meta.opt_usize("llama.rope.scaling.original_context_length")? {
+    if let Some(c) = meta.opt_usize(&key("rope.scaling.original_context_length"))? {
         contexts.insert(0, c);
     }
     for &orig in &contexts {
@@ -391,8 +404,9 @@ fn rope_scaling(
     )
 }
 
-/// The divisors llama.cpp writes to `rope_freqs.weight` for Llama-3 scaling.
-fn llama3_divisors(
+/// The divisors llama.cpp writes to `rope_freqs.weight` for Llama-3 scaling (the GGUF
+/// export writes them too).
+pub fn llama3_divisors(
     head_dim: usize,
     theta: f64,
     factor: f64,

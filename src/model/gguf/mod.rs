@@ -18,10 +18,11 @@
 
 mod config;
 mod names;
-mod tokenizer;
+pub mod tokenizer;
 
+pub use config::{llama3_divisors, ARCHITECTURES};
 pub use names::{permute_qk, unpermute_qk};
-pub use tokenizer::sentencepiece_merges;
+pub use tokenizer::{byte_level_pre_tokenizer, sentencepiece_merges, BYTE_LEVEL_PRE};
 
 use super::{LlamaConfig, TextTokenizer, Weights};
 use anyhow::{anyhow, Context, Result};
@@ -69,6 +70,12 @@ pub fn load(
 pub fn read_config(path: &Path) -> Result<LlamaConfig> {
     let (mut reader, content) = open(path)?;
     config::read(path, &content, &mut reader)
+}
+
+/// The metadata of the GGUF file at `path` (the export copies a GGUF source's tokenizer
+/// keys from it).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, Value>> {
+    Ok(open(path)?.1.metadata)
 }
 
 fn not_gguf(path: &Path) -> String {

@@ -12,9 +12,12 @@ use std::path::Path;
 use std::str::FromStr;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
-const TOKEN_UNKNOWN: i64 = 2;
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
+pub const TOKEN_NORMAL: i64 = 1;
+pub const TOKEN_UNKNOWN: i64 = 2;
+pub const TOKEN_CONTROL: i64 = 3;
+pub const TOKEN_USER_DEFINED: i64 = 4;
+pub const TOKEN_UNUSED: i64 = 5;
+pub const TOKEN_BYTE: i64 = 6;
 
 /// The tokenizer of the GGUF file at `path`: its `tokenizer.huggingface.json` when it has
 /// one, else rebuilt from the `tokenizer.ggml.*` metadata; BOS first by default unless
@@ -68,7 +71,7 @@ fn rebuild(meta: &Meta, bos: Option<u32>, eos: Vec<u32>) -> Result<TextTokenizer
 fn token_types(meta: &Meta, n: usize) -> Result<Vec<i64>> {
     let key = "tokenizer.ggml.token_type";
     let Some(_) = meta.opt(key) else {
-        return Ok(vec![1; n]);
+        return Ok(vec![TOKEN_NORMAL; n]);
     };
     let a = meta.array(key)?;
     if a.len() != n {
@@ -116,6 +119,64 @@ fn vocab_and_added(tokens: &[&str], types: &[i64]) -> (Map<String, Json>, Vec<Js
 /// Llama 3's word-splitting regex (llama.cpp `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `tokenizer.ggml.pre` names rora knows for byte-level BPE. The export picks the first
+/// name whose pre-tokenizer is the source's, so each group's canonical name comes first.
+pub const BYTE_LEVEL_PRE: [&str; 16] = [
+    "gpt2",
+    "default",
+    "gpt-2",
+    "mpt",
+    "olmo",
+    "jais",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+];
+/// Llama 3's `tokenizer.ggml.pre` names (its regex split, merges ignored for whole words).
+const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
+
+/// The Hugging Face pre-tokenizer that llama.cpp's `tokenizer.ggml.pre` value stands for,
+/// and whether the BPE model ignores merges (Llama 3); `None` for an unknown name.
+pub fn byte_level_pre_tokenizer(pre: &str) -> Option<(Json, bool)> {
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+               "use_regex": use_regex})
+    };
+    Some(match pre {
+        // ByteLevel's own regex is GPT-2's. llama.cpp's "default" (no `pre` key, old
+        // files) differs a little; GPT-2's is what Hugging Face does for such vocabularies.
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => (byte_level(true), false),
+        // llama.cpp splits every number character off, then applies the GPT-2 regex;
+        // Hugging Face's tokenizer.json for these (SmolLM, StarCoder) says the same with
+        // Digits(individual_digits) + ByteLevel.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true},
+                    byte_level(true),
+                ]}),
+                false,
+            )
+        }
+        p if LLAMA3_PRE.contains(&p) => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
+                 "invert": false},
+                byte_level(false),
+            ]}),
+            true,
+        ),
+        _ => return None,
+    })
+}
+
 /// Byte-level BPE (`tokenizer.ggml.model == "gpt2"`), with the pre-tokenizer that
 /// llama.cpp associates with `tokenizer.ggml.pre`.
 fn gpt2_tokenizer_json(meta: &Meta) -> Result<Json> {
@@ -137,38 +198,14 @@ fn gpt2_tokenizer_json(meta: &Meta) -> Result<Json> {
         })
         .collect::<Result<_>>()?;
     let (vocab, added) = vocab_and_added(&tokens, &types);
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-               "use_regex": use_regex})
-    };
     let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-    let mut ignore_merges = false;
-    let pre_tokenizer = match pre {
-        // ByteLevel's own regex is GPT-2's. llama.cpp's "default" (no `pre` key, old
-        // files) differs a little; GPT-2's is what Hugging Face does for such vocabularies.
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => byte_level(true),
-        // llama.cpp splits every number character off, then applies the GPT-2 regex;
-        // Hugging Face's tokenizer.json for these (SmolLM, StarCoder) says the same with
-        // Digits(individual_digits) + ByteLevel.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true},
-                byte_level(true),
-            ]})
-        }
-        "llama-bpe" | "llama3" | "llama-v3" => {
-            ignore_merges = true;
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
-                 "invert": false},
-                byte_level(false),
-            ]})
-        }
-        other => bail!(
-            "GGUF file {} asks for the `{other}` pre-tokenizer (tokenizer.ggml.pre), which rora \
-             does not know; known: default, gpt-2, mpt, olmo, jais, smollm, starcoder, refact, command-r, codeshell, exaone, minerva-7b, llama-bpe",
-            meta.path.display()
-        ),
+    let Some((pre_tokenizer, ignore_merges)) = byte_level_pre_tokenizer(pre) else {
+        bail!(
+            "GGUF file {} asks for the `{pre}` pre-tokenizer (tokenizer.ggml.pre), which rora \
+             does not know; known: {}",
+            meta.path.display(),
+            BYTE_LEVEL_PRE.join(", ")
+        );
     };
     Ok(json!({
         "version": "1.0",
