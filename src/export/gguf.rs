@@ -28,6 +28,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// One per-layer width of a [`LayerShape`], as the GGUF key it goes under reads it.
+type LayerWidth = fn(&LayerShape) -> usize;
+/// Tensors under their llama.cpp names, in file order.
+type NamedTensors = Vec<(String, QTensor)>;
 /// The weight type of a GGUF export (`gguf_dtype:`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GgufDtype {
@@ -242,7 +246,7 @@ fn model_metadata(
         "block_count",
         Value::U32(u32_of(m.layer_shapes.len(), "layers")?),
     );
-    let widths: [(&str, fn(&LayerShape) -> usize); 3] = [
+    let widths: [(&str, LayerWidth); 3] = [
         ("feed_forward_length", |s| s.intermediate_size),
         ("attention.head_count", |s| s.num_attention_heads),
         ("attention.head_count_kv", |s| s.num_key_value_heads),
@@ -288,7 +292,7 @@ fn gguf_tensors(
     loaded: &LoadedModel,
     dtype: GgufDtype,
     weights: Weights,
-) -> Result<(Vec<(String, QTensor)>, Vec<String>)> {
+) -> Result<(NamedTensors, Vec<String>)> {
     let m = &loaded.model;
     let head_dim = m.config.head_dim();
     let mut hf = model_tensors(loaded, DType::F32, weights == Weights::Merged)?;

@@ -184,7 +184,7 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
     });
     let finetune: Option<&FinetuneSpec> = spec.stages.iter().find_map(|st| {
         if let Stage::Finetune(f) = st {
-            Some(f)
+            Some(f.as_ref())
         } else {
             None
         }

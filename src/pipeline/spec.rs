@@ -54,7 +54,8 @@ pub enum Stage {
     Inspect(Option<InspectSpec>),
     Ppl(PplSpec),
     Attach(AttachSpec),
-    Finetune(FinetuneSpec),
+    /// Boxed: the largest spec by far (it holds an `EvalSpec` for `checkpoint_eval`).
+    Finetune(Box<FinetuneSpec>),
     Export(ExportSpec),
     Prune(PruneSpec),
     Eval(EvalSpec),

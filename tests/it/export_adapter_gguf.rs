@@ -150,7 +150,7 @@ fn dora_is_refused_with_a_reason() {
         export::export(&loaded, Some(&attach), &export_spec(&path)).unwrap_err()
     );
     assert!(
-        msg.contains("DoRA") && msg.contains("cannot") == false || msg.contains("no LoRA adapter"),
+        msg.contains("holds a DoRA adapter") && msg.contains("no LoRA adapter"),
         "{msg}"
     );
     assert!(msg.contains("gguf:"), "{msg}");
