@@ -9,7 +9,8 @@
 //!   dropout, the train/eval [`nn::Mode`];
 //! - [`model`]: config, tensor schema, loading (folders, GGUF, hub), tokenizer, the LLaMA;
 //! - [`data`] (training and task files), [`adapters`] (attach policy, PEFT I/O, merge);
-//! - the stages: [`inspect`], [`prune`], [`eval`], [`train`], [`export`], with [`report`];
+//! - the stages: [`inspect`], [`prune`], [`eval`], [`export`], with [`report`]; then
+//!   [`train`], which runs [`eval`] at checkpoints (`finetune.checkpoint_eval`);
 //! - [`pipeline`] (spec, stage functions, the runner that writes every file), [`sweep`]
 //!   (grids of pipelines), [`bench`], and [`cli`] on top.
 
