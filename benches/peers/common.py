@@ -1,5 +1,5 @@
 """What the two peer scripts share: the model shapes of `recover bench --shape`
-(src/bench.rs, BenchShape), their command-line flags, building the model, peak RSS.
+(src/bench/shape.rs, BenchShape), their command-line flags, building the model, peak RSS.
 
 Imported as `common` by the scripts next to it (Python puts a script's folder on its path).
 """
@@ -33,6 +33,32 @@ SHAPES = {
         rms_norm_eps=1e-5,
         rope_theta=100000.0,
         max_position_embeddings=8192,
+    ),
+    # Sheared-LLaMA-1.3B's config.json.
+    "sheared-1.3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=5504,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+    # LLaMA-2-7B's.
+    "llama-7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
     ),
 }
 

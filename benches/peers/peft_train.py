@@ -4,7 +4,7 @@
 The same step on the same shape: LlamaForCausalLM of the `--shape` (`default`: hidden 512,
 6 layers, 8 heads, 8 kv heads, MLP 1376, vocab 1000 or 32000, untied head; `smollm2`:
 SmolLM2-135M's hidden 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied
-head), random init, PEFT LoRA r=8 alpha=16 dropout 0.05 on all 7 projections, AdamW lr 1e-4
+head), random init, PEFT LoRA r=8 alpha=16 dropout --dropout (default 0) on all 7 projections, AdamW lr 1e-4
 on the adapters, batch 8 x 128 random token ids, loss on the shifted targets, gradient
 clipping at 1.0 (as rora's finetune and HF's Trainer do). Warm-up steps, then timed steps;
 the median step gives tokens/s.
@@ -13,7 +13,8 @@ Prints one JSON object with the keys of `recover bench train --json` that make s
 (tokens_per_s, median_step_s, step_s, peak_rss_bytes, base_params, matmul_params,
 trainable_params, ...).
 
-    python peft_train.py [--shape default|smollm2] [--steps 10] [--warmup 2] [--vocab N]
+    python peft_train.py [--shape default|smollm2|sheared-1.3b|llama-7b] [--steps 10]
+                         [--warmup 2] [--vocab N] [--dropout 0.05]
                          [--threads 2] [--bf16]
 """
 
@@ -54,6 +55,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--dropout", type=float, default=0.0, help="lora_dropout (default 0, PEFT's default)"
+    )
     add_model_args(ap)
     args = ap.parse_args()
 
@@ -69,7 +73,7 @@ def main():
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
-        lora_dropout=0.05,
+        lora_dropout=args.dropout,
         target_modules=[
             "q_proj",
             "k_proj",

@@ -77,6 +77,10 @@ pub struct BenchTrainArgs {
     /// LoRA rank (alpha stays 2 × rank) [default: 8].
     #[arg(long)]
     pub rank: Option<usize>,
+    /// Adapter dropout [default: 0, PEFT's `lora_dropout` default]. Dropout masks cost
+    /// time of their own: measure both settings users run.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
     /// Inputs of the frozen weights' products: `bf16` runs them on AMX from bf16 inputs
     /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
     #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
@@ -105,6 +109,7 @@ impl BenchTrainArgs {
             alpha: base.alpha / base.rank as f64 * rank as f64,
             matmul_precision: self.matmul_precision,
             objective: self.objective,
+            dropout: self.dropout,
             ..base
         }
     }

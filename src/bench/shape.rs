@@ -23,6 +23,18 @@ pub enum BenchShape {
     /// vocab 49152, head tied to the embeddings, RMSNorm eps 1e-5, RoPE theta 100000,
     /// 8192 positions.
     Smollm2,
+    /// Sheared-LLaMA-1.3B's `config.json` (the reference model of the paper's recovery):
+    /// hidden 2048, 24 layers, 16 heads (16 kv), MLP 5504, vocab 32000, untied head,
+    /// RMSNorm eps 1e-5, RoPE theta 10000, 4096 positions.
+    #[value(name = "sheared-1.3b")]
+    #[serde(rename = "sheared-1.3b")]
+    Sheared13b,
+    /// LLaMA-2-7B's: hidden 4096, 32 layers, 32 heads (32 kv), MLP 11008, vocab 32000,
+    /// untied head, RMSNorm eps 1e-5, RoPE theta 10000, 4096 positions (27 GB of f32
+    /// weights: more than this 24 GB machine holds).
+    #[value(name = "llama-7b")]
+    #[serde(rename = "llama-7b")]
+    Llama7b,
 }
 
 impl BenchShape {
@@ -31,6 +43,8 @@ impl BenchShape {
         match self {
             Self::Default => "default",
             Self::Smollm2 => "smollm2",
+            Self::Sheared13b => "sheared-1.3b",
+            Self::Llama7b => "llama-7b",
         }
     }
 
@@ -53,6 +67,26 @@ impl BenchShape {
                 max_position_embeddings: 8192,
                 ..base
             },
+            Self::Sheared13b | Self::Llama7b => {
+                let (hidden, layers, heads, intermediate) = match self {
+                    Self::Sheared13b => (2048, 24, 16, 5504),
+                    _ => (4096, 32, 32, 11008),
+                };
+                TrainBenchSpec {
+                    shape: self,
+                    hidden,
+                    layers,
+                    heads,
+                    kv_heads: heads,
+                    intermediate,
+                    vocab: 32000,
+                    tie_word_embeddings: false,
+                    rms_norm_eps: 1e-5,
+                    rope_theta: 10_000.0,
+                    max_position_embeddings: 4096,
+                    ..base
+                }
+            }
         }
     }
 }
@@ -60,11 +94,11 @@ impl BenchShape {
 /// The model both benchmarks build.
 #[derive(Debug, Args)]
 pub struct BenchModelArgs {
-    /// Model shape: `default` (hidden 512, 6 layers) or `smollm2` (SmolLM2-135M's).
+    /// Model shape: `default` (hidden 512, 6 layers), `smollm2` (SmolLM2-135M's),
+    /// `sheared-1.3b` or `llama-7b`.
     #[arg(long, value_enum, default_value_t = BenchShape::Default)]
     pub shape: BenchShape,
-    /// Vocabulary size [default: the shape's, 1000 or 49152] (32000 for a LLaMA-2-sized
-    /// output head).
+    /// Vocabulary size [default: the shape's: 1000, 49152 or 32000].
     #[arg(long)]
     pub vocab: Option<usize>,
 }
@@ -133,4 +167,37 @@ pub(super) fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Lla
 /// `len` token ids drawn uniformly from `0..vocab`, in order from `rng`.
 pub(super) fn random_ids(rng: &mut impl Rng, len: usize, vocab: u32) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(0..vocab)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::schema::{layer_params, outer_params};
+    use crate::model::LayerShape;
+
+    /// The presets' parameter counts (from the tensor schema, without building the
+    /// weights) are the published models': Sheared-LLaMA-1.3B 1,345,423,360 and
+    /// LLaMA-2-7B 6,738,415,616 (`sum(p.numel())` of the Hugging Face checkpoints),
+    /// SmolLM2-135M 134,515,008.
+    #[test]
+    fn presets_have_the_published_models_parameter_counts() {
+        let count = |shape: BenchShape| {
+            let s = shape.spec();
+            let layer = LayerShape {
+                num_attention_heads: s.heads,
+                num_key_value_heads: s.kv_heads,
+                intermediate_size: s.intermediate,
+            };
+            s.layers as u64 * layer_params(s.hidden, s.hidden / s.heads, &layer)
+                + outer_params(s.hidden, s.vocab, s.tie_word_embeddings)
+        };
+        assert_eq!(count(BenchShape::Sheared13b), 1_345_423_360);
+        assert_eq!(count(BenchShape::Llama7b), 6_738_415_616);
+        assert_eq!(count(BenchShape::Smollm2), 134_515_008);
+        assert_eq!(BenchShape::Sheared13b.name(), "sheared-1.3b");
+        assert_eq!(
+            BenchShape::from_str("llama-7b", false).ok(),
+            Some(BenchShape::Llama7b)
+        );
+    }
 }

@@ -66,7 +66,7 @@ impl Default for TrainBenchSpec {
             seq_len: 128,
             rank: 8,
             alpha: 16.0,
-            dropout: 0.05,
+            dropout: 0.0,
             learning_rate: 1e-4,
             max_grad_norm: 1.0,
             warmup: 2,
