@@ -48,6 +48,47 @@ pub struct TinyLayer {
     pub mlp: usize,
 }
 
+/// Three layers of different widths (heads, key/value groups and MLP), as `prune` and
+/// LLM-Pruner leave a model: the export tests' non-uniform model.
+pub const NON_UNIFORM_LAYERS: [TinyLayer; 3] = [
+    TinyLayer {
+        heads: 8,
+        kv_heads: 4,
+        mlp: 96,
+    },
+    TinyLayer {
+        heads: 4,
+        kv_heads: 2,
+        mlp: 40,
+    },
+    TinyLayer {
+        heads: 6,
+        kv_heads: 3,
+        mlp: 64,
+    },
+];
+
+/// Adapters of `method` on `targets` with no rank or alpha patterns.
+pub fn attach_spec(
+    method: rora::adapters::Method,
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: &[&str],
+) -> rora::adapters::AttachSpec {
+    rora::adapters::AttachSpec {
+        from: None,
+        method: Some(method),
+        rank,
+        alpha: Some(alpha),
+        dropout,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+        layers: None,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+    }
+}
+
 /// Writes a random Llama folder (config.json, model.safetensors, stories260K's
 /// tokenizer.json) with hidden 64, head_dim 8, vocab 512 and the given layers. The
 /// config declares per-layer shapes when the layers differ. Weights: embeddings
@@ -124,6 +165,20 @@ pub fn ids_tensor(ids: &[u32]) -> Tensor {
     Tensor::new(ids, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
+        .unwrap()
+}
+
+/// The largest |x| of `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
         .unwrap()
 }
 

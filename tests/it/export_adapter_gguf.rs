@@ -18,22 +18,6 @@ fn spec(
     alpha_pattern: &[(&str, f64)],
 ) -> AttachSpec {
     AttachSpec {
-        from: None,
-        method: Some(method),
-        rank: 4,
-        alpha: Some(8.0),
-        dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
-        layers: None,
         rank_pattern: rank_pattern
             .iter()
             .map(|(k, v)| (k.to_string(), *v))
@@ -42,6 +26,20 @@ fn spec(
             .iter()
             .map(|(k, v)| (k.to_string(), *v))
             .collect(),
+        ..attach_spec(
+            method,
+            4,
+            8.0,
+            0.0,
+            &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        )
     }
 }
 

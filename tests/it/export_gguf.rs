@@ -31,17 +31,7 @@ fn gguf_spec(path: &Path, dtype: GgufDtype, verify: bool) -> ExportSpec {
 }
 
 fn lora(targets: &[&str]) -> AttachSpec {
-    AttachSpec {
-        from: None,
-        method: Some(Method::Rora),
-        rank: 4,
-        alpha: Some(8.0),
-        dropout: 0.0,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-        layers: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-    }
+    attach_spec(Method::Rora, 4, 8.0, 0.0, targets)
 }
 
 fn adapt(loaded: &mut LoadedModel) -> AttachSpec {
@@ -79,16 +69,7 @@ fn relative_logit_diff(loaded: &LoadedModel, gguf: &Path, text: &str) -> (f32, L
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     let got = back.model.forward(&ids, None, None).unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    (max_abs_diff(&got, &want) / scale, back)
+    (max_abs_diff(&got, &want) / max_abs(&want), back)
 }
 
 const TEXT: &str = "Once upon a time, there was a little girl named Lily. She liked to play";
@@ -246,27 +227,9 @@ fn write_gpt2_tokenizer(dir: &Path) -> usize {
     tokens.len()
 }
 
-const NON_UNIFORM: [TinyLayer; 3] = [
-    TinyLayer {
-        heads: 8,
-        kv_heads: 4,
-        mlp: 96,
-    },
-    TinyLayer {
-        heads: 4,
-        kv_heads: 2,
-        mlp: 40,
-    },
-    TinyLayer {
-        heads: 6,
-        kv_heads: 3,
-        mlp: 64,
-    },
-];
-
 fn write_gpt2_model(dir: &Path) -> usize {
     // Vocab rows beyond the tokenizer's ids: the export pads the token list.
-    write_tiny_model_with_vocab(dir, &NON_UNIFORM, 7, 272);
+    write_tiny_model_with_vocab(dir, &NON_UNIFORM_LAYERS, 7, 272);
     let vocab_rows = 272;
     let tokens = write_gpt2_tokenizer(dir);
     assert!(tokens < vocab_rows);
