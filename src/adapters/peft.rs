@@ -1,7 +1,10 @@
 //! The adapter alone in PEFT's format: `adapter_config.json` and
 //! `adapter_model.safetensors` with PEFT's key names, so `PeftModel.from_pretrained` loads
-//! what we train and we load what PEFT trains.
+//! what we train and we load what PEFT trains. LoRA/DoRA and prefix tuning are PEFT's
+//! `LORA` and `PREFIX_TUNING`; series/parallel adapters are LLM-Adapters' `BOTTLENECK`.
 
+use super::bottleneck::BottleneckConfig;
+use super::prefix::{load_prefix, PeftPrefixConfig, PROMPT_EMBEDDINGS};
 use super::{attach, trainable_vars, AttachReport, AttachSpec, Method};
 use crate::fsx;
 use crate::model::Llama;
@@ -91,8 +94,8 @@ impl PeftLoraConfig {
             base_model_name_or_path: base_model,
             r: spec.rank,
             lora_alpha: spec.alpha(),
-            lora_dropout: spec.dropout,
-            target_modules: TargetModules::List(spec.targets.clone()),
+            lora_dropout: spec.dropout(),
+            target_modules: TargetModules::List(spec.targets()),
             use_rslora: method.rank_stabilized(),
             use_dora: method.is_dora(),
             rank_pattern: spec.rank_pattern.clone(),
@@ -112,7 +115,7 @@ impl PeftLoraConfig {
             |what: &str| anyhow::anyhow!("{}: {what} is not supported by rora", file.display());
         if self.peft_type != "LORA" {
             return Err(bad(&format!(
-                "peft_type `{}` (only LORA, with use_dora for DoRA)",
+                "peft_type `{}` (LORA, with use_dora for DoRA; PREFIX_TUNING; LLM-Adapters' BOTTLENECK)",
                 self.peft_type
             )));
         }
@@ -140,18 +143,17 @@ impl PeftLoraConfig {
             (true, true) => Method::RoraDora,
         };
         Ok(AttachSpec {
-            from: None,
-            method: Some(method),
             rank: self.r,
             alpha: Some(self.lora_alpha),
-            dropout: self.lora_dropout,
-            targets,
+            dropout: Some(self.lora_dropout),
+            targets: Some(targets),
             layers: self.layers_to_transform.clone().map(|l| match l {
                 LayersToTransform::One(i) => vec![i],
                 LayersToTransform::Many(v) => v,
             }),
             rank_pattern: self.rank_pattern.clone(),
             alpha_pattern: self.alpha_pattern.clone(),
+            ..AttachSpec::new(method)
         })
     }
 }
@@ -167,45 +169,118 @@ pub fn write_adapter(
     if vars.is_empty() {
         bail!("there is no adapter to export; put an `attach` stage before `export`");
     }
+    let method = spec.method()?;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create adapter folder {}", dir.display()))?;
-    fsx::write_json(
-        &dir.join(CONFIG_FILE),
-        &PeftLoraConfig::from_spec(spec, base_model)?,
-    )?;
-    let tensors: HashMap<String, Tensor> = vars
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
+    let tensors: HashMap<String, Tensor> = match (&model.prefix, method) {
+        (Some(prefix), Method::Prefix) => {
+            fsx::write_json(
+                &dir.join(CONFIG_FILE),
+                &PeftPrefixConfig::new(prefix, spec, base_model),
+            )?;
+            HashMap::from([(PROMPT_EMBEDDINGS.to_string(), prefix.rows()?)])
+        }
+        (None, m) if m.is_bottleneck() => {
+            fsx::write_json(
+                &dir.join(CONFIG_FILE),
+                &BottleneckConfig::from_spec(spec, base_model)?,
+            )?;
+            vars.into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect()
+        }
+        (None, m) if m.is_low_rank() => {
+            fsx::write_json(
+                &dir.join(CONFIG_FILE),
+                &PeftLoraConfig::from_spec(spec, base_model)?,
+            )?;
+            vars.into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect()
+        }
+        _ => bail!(
+            "export.adapter: the attach settings ({}) do not describe the model's adapters",
+            spec.describe()
+        ),
+    };
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp-{}", std::process::id()));
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))?;
     Ok(())
 }
 
-/// Reads `dir/adapter_config.json` as attach settings.
-pub fn read_adapter_config(dir: &Path) -> Result<AttachSpec> {
+/// An adapter folder's config, whichever of the three formats it is.
+pub enum AdapterConfig {
+    Lora(PeftLoraConfig),
+    Prefix(PeftPrefixConfig),
+    Bottleneck(BottleneckConfig),
+}
+
+/// Reads `dir/adapter_config.json`.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
-            "cannot read {}; `attach.from` must be a PEFT adapter folder",
+            "cannot read {}; `attach.from` must be a PEFT (or LLM-Adapters) adapter folder",
             path.display()
         )
     })?;
-    let cfg: PeftLoraConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a PEFT LoRA config", path.display()))?;
-    cfg.to_spec(&path)
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let peft_type = value
+        .get("peft_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let parse = |what: &str| format!("{} is not a {what} config", path.display());
+    Ok(match peft_type.as_str() {
+        "PREFIX_TUNING" => AdapterConfig::Prefix(
+            serde_json::from_value(value).with_context(|| parse("PEFT prefix-tuning"))?,
+        ),
+        "BOTTLENECK" => AdapterConfig::Bottleneck(
+            serde_json::from_value(value).with_context(|| parse("LLM-Adapters bottleneck"))?,
+        ),
+        _ => {
+            AdapterConfig::Lora(serde_json::from_value(value).with_context(|| parse("PEFT LoRA"))?)
+        }
+    })
 }
 
-/// Attaches the adapters of a PEFT folder: the settings from its config, the weights
+/// Reads `dir/adapter_config.json` as attach settings.
+pub fn read_adapter_config(dir: &Path) -> Result<AttachSpec> {
+    let path = dir.join(CONFIG_FILE);
+    match read_config(dir)? {
+        AdapterConfig::Lora(cfg) => cfg.to_spec(&path),
+        AdapterConfig::Prefix(cfg) => Ok(cfg.to_spec()),
+        AdapterConfig::Bottleneck(cfg) => cfg.to_spec(&path),
+    }
+}
+
+/// Attaches the adapters of an adapter folder: the settings from its config, the weights
 /// from its safetensors (every tensor must be used, every adapter filled).
 pub fn attach_from_folder(model: &mut Llama, dir: &Path) -> Result<(AttachSpec, AttachReport)> {
+    let config = read_config(dir)?;
     let spec = read_adapter_config(dir)?;
-    let report = attach(model, &spec, 0)?;
     let path = dir.join(WEIGHTS_FILE);
     let device = model.device().clone();
     let mut tensors = candle_core::safetensors::load(&path, &device)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    if let AdapterConfig::Prefix(cfg) = &config {
+        let rows = tensors
+            .remove(PROMPT_EMBEDDINGS)
+            .with_context(|| format!("{} has no tensor `{PROMPT_EMBEDDINGS}`", path.display()))?;
+        if let Some(extra) = tensors.keys().next() {
+            bail!(
+                "{}: tensor `{extra}` is not part of a prefix-tuning adapter",
+                path.display()
+            );
+        }
+        // `attach` builds and counts a fresh prefix; the saved rows then replace it.
+        let report = attach(model, &spec, 0)?;
+        model.prefix = Some(load_prefix(model, cfg, rows, &path)?);
+        return Ok((spec, report));
+    }
+    let report = attach(model, &spec, 0)?;
     for (name, var) in trainable_vars(model) {
         let t = tensors.remove(&name).with_context(|| {
             format!(

@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// The benchmarked shape and schedule. The defaults are the reference benchmark
 /// (`BenchShape::Default`); `BenchShape::spec` gives the others.
@@ -213,15 +212,11 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         .sum::<usize>()
         + spec.vocab * spec.hidden) as u64;
     let attach = AttachSpec {
-        from: None,
-        method: Some(Method::Lora),
         rank: spec.rank,
         alpha: Some(spec.alpha),
-        dropout: spec.dropout,
-        targets: MODULES.map(String::from).to_vec(),
-        layers: None,
-        rank_pattern: BTreeMap::new(),
-        alpha_pattern: BTreeMap::new(),
+        dropout: Some(spec.dropout),
+        targets: Some(MODULES.map(String::from).to_vec()),
+        ..AttachSpec::new(Method::Lora)
     };
     let attached = adapters::attach(&mut model, &attach, spec.seed)?;
     if !model.set_matmul_precision(spec.matmul_precision)? {

@@ -49,6 +49,12 @@ pub struct AdapterGgufExport {
 pub fn write_adapter_gguf(loaded: &LoadedModel, path: &Path) -> Result<AdapterGgufExport> {
     let m = &loaded.model;
     let head_dim = m.config.head_dim();
+    if m.prefix.is_some() {
+        bail!(
+            "export.adapter_gguf: llama.cpp's --lora adapters are LoRA pairs; a prefix-tuning \
+             adapter is none (export it with `adapter: DIR`, PEFT's PREFIX_TUNING format)"
+        );
+    }
     let mut pairs = Vec::new();
     for (i, path_in_layer, linear) in m.projections() {
         let Some(adapter) = linear.adapter() else {
@@ -66,7 +72,14 @@ pub fn write_adapter_gguf(loaded: &LoadedModel, path: &Path) -> Result<AdapterGg
                 proj.module()
             );
         }
-        pairs.push((i, proj, adapter.lora()));
+        let Some(lora) = adapter.lora() else {
+            bail!(
+                "layer {i} {} holds a bottleneck adapter, which is nonlinear: llama.cpp's --lora \
+                 cannot express it; export it with `adapter: DIR` (LLM-Adapters' format)",
+                proj.module()
+            );
+        };
+        pairs.push((i, proj, lora));
     }
     let gamma_r = |l: &LoraAdapter| l.scale * l.a.dim(0).unwrap_or(0) as f64;
     // The file's alpha: the γ·r most projections share, so the fewest need folding.

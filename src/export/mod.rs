@@ -71,6 +71,20 @@ fn yes() -> bool {
 }
 
 impl ExportSpec {
+    /// The requested outputs that hold merged weights (`adapter_gguf` and `gguf_base`
+    /// check the adapters themselves).
+    pub fn merging_outputs(&self) -> Vec<&'static str> {
+        [
+            (&self.merged, "merged"),
+            (&self.merged_uniform, "merged_uniform"),
+            (&self.gguf, "gguf"),
+        ]
+        .into_iter()
+        .filter(|(p, _)| p.is_some())
+        .map(|(_, k)| k)
+        .collect()
+    }
+
     pub fn validate(&self) -> Result<()> {
         let outputs = [
             &self.merged,
@@ -156,6 +170,9 @@ pub fn export(
     spec: &ExportSpec,
 ) -> Result<ExportReport> {
     spec.validate()?;
+    for key in spec.merging_outputs() {
+        crate::adapters::merge::ensure_mergeable(&loaded.model, &format!("export.{key}"))?;
+    }
     let mut report = ExportReport {
         merged: None,
         adapter: None,

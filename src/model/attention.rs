@@ -23,7 +23,10 @@ pub struct LayerKv(pub Option<(Tensor, Tensor)>);
 
 impl Attention {
     /// `x`: (b, t, hidden); `cos`/`sin`: (b, 1, t, head_dim); `mask`: additive, (b, 1, t, T)
-    /// where T = cached + t, or `None` when every key is visible (one new token, no padding).
+    /// where T = prefix + cached + t, or `None` when every key is visible (one new token, no
+    /// padding); `prefix`: prefix-tuning keys and values, each (kv_heads, n, head_dim), seen
+    /// before the cached ones (the cache holds real tokens only).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
@@ -31,6 +34,7 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
+        prefix: Option<&(Tensor, Tensor)>,
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -50,6 +54,17 @@ impl Attention {
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
             cache.0 = Some((k.clone(), v.clone()));
+        }
+        if let Some((pk, pv)) = prefix {
+            let dtype = k.dtype();
+            let before = |p: &Tensor| -> Result<Tensor> {
+                let (kvh, n, hd) = p.dims3()?;
+                Ok(p.to_dtype(dtype)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, kvh, n, hd))?)
+            };
+            k = Tensor::cat(&[&before(pk)?, &k], 2)?;
+            v = Tensor::cat(&[&before(pv)?, &v], 2)?;
         }
         let out = scaled_dot_product(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?; // (b, h, t, hd)
         let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;

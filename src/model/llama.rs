@@ -10,7 +10,7 @@ use super::schema::{LayerNorm, Projection, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use super::shapes::read_layer_shapes;
 use super::weights::Weights;
 use crate::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
-use crate::nn::{Linear, Mode};
+use crate::nn::{Linear, Mode, PrefixTuning};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -34,10 +34,13 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: Option<&mut LayerKv>,
+        prefix: Option<&(Tensor, Tensor)>,
         mode: Mode,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask, kv, mode)?)?;
+        let x = (x + self
+            .self_attn
+            .forward(&h, cos, sin, mask, kv, prefix, mode)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         Ok((&x + self.mlp.forward(&h, mode)?)?)
     }
@@ -84,6 +87,8 @@ pub struct Llama {
     pub norm: RmsNorm,
     /// `None` when the output head is tied to the embeddings.
     pub lm_head: Option<Tensor>,
+    /// Prefix-tuning vectors, when attached: every layer's attention sees them first.
+    pub prefix: Option<PrefixTuning>,
     rope: RotaryEmbedding,
     /// The output head packed for bf16 products (see [`Llama::set_matmul_precision`]).
     head_bf16: Option<FrozenWeight>,
@@ -147,6 +152,7 @@ impl Llama {
             embed_tokens,
             layers,
             lm_head,
+            prefix: None,
             head_bf16: None,
         })
     }
@@ -203,12 +209,24 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let (positions, mask) = positions_and_mask(b, t, past, attention_mask, self.device())?;
+        // A prefix counts as `n` real tokens before the cached ones.
+        let n = self.prefix_len();
+        let prefix_kv = self.prefix.as_ref().map(|p| p.key_values()).transpose()?;
+        let with_prefix = match (attention_mask, n) {
+            (Some(m), n) if n > 0 => Some(Tensor::cat(
+                &[&Tensor::ones((b, n), m.dtype(), m.device())?, m],
+                1,
+            )?),
+            (m, _) => m.cloned(),
+        };
+        let (positions, mask) =
+            positions_and_mask(b, t, n + past, with_prefix.as_ref(), self.device())?;
         let (cos, sin) = self.rope.cos_sin(&positions, embeds.dtype())?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, mode)?;
+            let prefix = prefix_kv.as_ref().map(|p| &p[i]);
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, prefix, mode)?;
         }
         self.norm.forward(&x)
     }
@@ -231,6 +249,16 @@ impl Llama {
     /// The output head's weight (vocab, hidden): its own, or the embeddings when tied.
     pub fn head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Number of prefix-tuning virtual tokens (0 without a prefix).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.num_virtual_tokens)
+    }
+
+    /// Whether any adapter (projection adapter or prefix) is attached.
+    pub fn has_adapters(&self) -> bool {
+        self.prefix.is_some() || self.projections().any(|(_, _, l)| l.adapter().is_some())
     }
 
     pub fn num_layers(&self) -> usize {

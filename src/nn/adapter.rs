@@ -1,5 +1,6 @@
 //! The adapter a projection may hold: the slot [`Linear`](super::Linear) forwards through.
 
+use super::bottleneck::BottleneckAdapter;
 use super::dora::DoraAdapter;
 use super::frozen::FrozenWeight;
 use super::lora::LoraAdapter;
@@ -12,6 +13,8 @@ use candle_core::{Tensor, Var};
 pub enum Adapter {
     Lora(LoraAdapter),
     Dora(DoraAdapter),
+    /// Series or parallel bottleneck adapter (nonlinear: never merged).
+    Bottleneck(BottleneckAdapter),
 }
 
 impl Adapter {
@@ -19,23 +22,50 @@ impl Adapter {
         match self {
             Adapter::Lora(a) => a.forward(x, weight, mode),
             Adapter::Dora(a) => a.forward(x, weight, mode),
+            Adapter::Bottleneck(a) => a.forward(x, weight, mode),
         }
     }
 
-    pub fn lora(&self) -> &LoraAdapter {
+    /// The low-rank pair of a LoRA or DoRA adapter; `None` for a bottleneck adapter.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
         match self {
-            Adapter::Lora(a) => a,
-            Adapter::Dora(a) => &a.lora,
+            Adapter::Lora(a) => Some(a),
+            Adapter::Dora(a) => Some(&a.lora),
+            Adapter::Bottleneck(_) => None,
         }
     }
 
-    /// Trainable tensors with PEFT's suffixes.
-    pub fn vars(&self) -> Vec<(&'static str, &Var)> {
-        let l = self.lora();
-        let mut v = vec![("lora_A.weight", &l.a), ("lora_B.weight", &l.b)];
-        if let Adapter::Dora(d) = self {
-            v.push(("lora_magnitude_vector", &d.magnitude));
+    /// The settings that change what the adapter computes besides its tensors (for
+    /// content hashes).
+    pub fn settings(&self) -> String {
+        match self {
+            Adapter::Lora(l) => format!("lora scale {} dropout {}", l.scale, l.dropout),
+            Adapter::Dora(d) => format!("dora scale {} dropout {}", d.lora.scale, d.lora.dropout),
+            Adapter::Bottleneck(b) => format!(
+                "bottleneck {:?} {} scaling {} dropout {}",
+                b.placement,
+                b.non_linearity.name(),
+                b.scaling,
+                b.dropout
+            ),
         }
-        v
+    }
+
+    /// Trainable tensors with PEFT's (LoRA, DoRA) or LLM-Adapters' (bottleneck) suffixes.
+    pub fn vars(&self) -> Vec<(&'static str, &Var)> {
+        match self {
+            Adapter::Lora(l) => vec![("lora_A.weight", &l.a), ("lora_B.weight", &l.b)],
+            Adapter::Dora(d) => vec![
+                ("lora_A.weight", &d.lora.a),
+                ("lora_B.weight", &d.lora.b),
+                ("lora_magnitude_vector", &d.magnitude),
+            ],
+            Adapter::Bottleneck(b) => {
+                vec![
+                    ("adapter_down.weight", &b.down),
+                    ("adapter_up.weight", &b.up),
+                ]
+            }
+        }
     }
 }

@@ -55,12 +55,15 @@ pub fn key(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) -> Re
     for (i, name, linear) in model.projections() {
         tensors.push((format!("{i}.{name}"), linear.weight()));
         if let Some(adapter) = linear.adapter() {
-            let lora = adapter.lora();
-            field(format!("{i}.{name} scale {} dropout {}", lora.scale, lora.dropout).as_bytes());
+            field(format!("{i}.{name} {}", adapter.settings()).as_bytes());
             for (suffix, var) in adapter.vars() {
                 tensors.push((format!("{i}.{name}.{suffix}"), var.as_tensor()));
             }
         }
+    }
+    let prefix_rows = model.prefix.as_ref().map(|p| p.rows()).transpose()?;
+    if let Some(rows) = &prefix_rows {
+        tensors.push(("prefix".into(), rows));
     }
     for (name, t) in tensors {
         field(name.as_bytes());

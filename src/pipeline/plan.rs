@@ -3,9 +3,8 @@
 //! parameters and a memory estimate.
 
 use super::spec::{PipelineSpec, Stage};
-use crate::adapters::AttachSpec;
 use crate::inspect::{human_bytes, human_count};
-use crate::model::schema::{layer_params, outer_params, Projection};
+use crate::model::schema::{layer_params, outer_params};
 use crate::model::{self, LayerShape, LlamaConfig};
 use crate::train::FinetuneSpec;
 use anyhow::Result;
@@ -39,29 +38,6 @@ fn shapes_of(cfg: &LlamaConfig) -> Vec<LayerShape> {
         .collect()
 }
 
-/// Trainable parameters of `attach` on a model with these shapes.
-fn trainable_params(cfg: &LlamaConfig, shapes: &[LayerShape], a: &AttachSpec) -> u64 {
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-    let mut total = 0u64;
-    for (i, s) in shapes.iter().enumerate() {
-        if a.layers.as_ref().is_some_and(|ls| !ls.contains(&i)) {
-            continue;
-        }
-        for proj in Projection::ALL
-            .into_iter()
-            .filter(|p| a.targets.iter().any(|t| t == p.module()))
-        {
-            let (out, inp) = proj.shape(s, h, hd);
-            let r = a.rank_pattern.get(proj.module()).copied().unwrap_or(a.rank);
-            total += (r * (inp + out)) as u64;
-            if a.method.is_some_and(|m| m.is_dora()) {
-                total += out as u64;
-            }
-        }
-    }
-    total
-}
-
 /// The plan as Markdown.
 pub fn plan(spec: &PipelineSpec) -> Result<String> {
     let mut s = String::new();
@@ -81,17 +57,7 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
     for (i, stage) in spec.stages.iter().enumerate() {
         let detail = match stage {
             Stage::Load(l) => format!("model `{}`", l.model),
-            Stage::Attach(a) => match &a.from {
-                Some(d) => format!("adapters from {}", d.display()),
-                None => format!(
-                    "{} rank {} alpha {} on {}",
-                    a.method
-                        .map_or("?".to_string(), |m| format!("{m:?}").to_lowercase()),
-                    a.rank,
-                    a.alpha(),
-                    a.targets.join(", ")
-                ),
-            },
+            Stage::Attach(a) => a.describe(),
             Stage::Finetune(f) => format!(
                 "{} data + {} text file patterns, batch {} (micro {}), lr {:e}, {}",
                 f.data.len(),
@@ -191,7 +157,7 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
     });
     let trainable = attach
         .filter(|a| a.from.is_none())
-        .map_or(0, |a| trainable_params(&cfg, &shapes, a));
+        .map_or(0, |a| a.trainable_params(h, cfg.head_dim(), &shapes));
     let (b, t) = finetune.map_or((0, 0), |f| (f.micro_batch_size as u64, f.cutoff_len as u64));
     // Activations kept for the backward pass, per token and layer, in f32 for the
     // softmax/norms and the weights' dtype elsewhere: ~12·hidden + 4·mlp values, plus the
@@ -218,8 +184,10 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
     if trainable > 0 {
         let _ = writeln!(
             s,
-            "Trainable: {} ({:.3}% of the model).\n",
+            "Trainable: {} ({:.3}% of base + adapters, PEFT's `trainable%` and the papers' \
+             \"# Params (%)\"; {:.3}% of the base).\n",
             human_count(trainable),
+            100.0 * trainable as f64 / (base + trainable) as f64,
             100.0 * trainable as f64 / base as f64
         );
     }

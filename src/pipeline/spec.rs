@@ -251,6 +251,7 @@ impl PipelineSpec {
             bail!("device `cuda` needs a build with `--features cuda`; this build is CPU-only");
         }
         let (mut attached, mut pruned) = (false, false);
+        let mut method = None;
         for (i, stage) in self.stages.iter().enumerate() {
             match stage {
                 Stage::Attach(a) => {
@@ -260,6 +261,7 @@ impl PipelineSpec {
                         bail!("stages[{i}]: adapters are already attached by an earlier `attach` stage");
                     }
                     attached = true;
+                    method = a.method;
                 }
                 Stage::Finetune(f) => {
                     f.validate()
@@ -280,9 +282,20 @@ impl PipelineSpec {
                         );
                     }
                 }
-                Stage::Export(e) => e
-                    .validate()
-                    .with_context(|| format!("stages[{i}].export"))?,
+                Stage::Export(e) => {
+                    e.validate()
+                        .with_context(|| format!("stages[{i}].export"))?;
+                    if let Some(m) = method.filter(|m| !m.is_low_rank()) {
+                        if let Some(key) = e.merging_outputs().first() {
+                            bail!(
+                                "stages[{i}].export.{key}: {} adapters cannot be merged into the \
+                                 weights (prefix tuning is not a weight; bottleneck adapters are \
+                                 nonlinear); export the adapter alone with `adapter: DIR`",
+                                m.name()
+                            );
+                        }
+                    }
+                }
                 Stage::Eval(e) => {
                     e.validate().with_context(|| format!("stages[{i}].eval"))?;
                 }

@@ -163,17 +163,14 @@ pub fn attach(
         ),
     };
     ctx.attached = Some(resolved);
+    let placed = if report.adapted_modules > 0 {
+        format!(" to {} projections", report.adapted_modules)
+    } else {
+        String::new()
+    };
     progress::line(&format!(
-        "attached {:?} (rank {}, alpha {}, γ = {:.4}) to {} projections: {} trainable parameters \
-         ({:.3}% of {})",
-        report.method,
-        report.rank,
-        report.alpha,
-        report.scaling,
-        report.adapted_modules,
-        report.trainable_params,
-        report.trainable_percent,
-        report.model_params
+        "attached {}{placed}: {} trainable parameters ({:.3}% of {})",
+        report.settings, report.trainable_params, report.trainable_percent, report.model_params
     ));
     Ok(StageOutput::new(report))
 }

@@ -137,7 +137,7 @@ pub struct PruneReport {
 /// Prunes `model` in place. Adapters must not be attached yet.
 pub fn prune(model: &mut Llama, tok: &TextTokenizer, spec: &PruneSpec) -> Result<PruneReport> {
     spec.validate()?;
-    if model.projections().any(|(_, _, l)| l.adapter().is_some()) {
+    if model.has_adapters() {
         bail!("prune must come before `attach`: the model already has adapters");
     }
     let n = model.num_layers();

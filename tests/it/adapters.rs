@@ -19,12 +19,7 @@ fn spec(method: Method, rank: usize, alpha: f64) -> AttachSpec {
 }
 
 fn method_name(m: Method) -> &'static str {
-    match m {
-        Method::Lora => "lora",
-        Method::Rora => "rora",
-        Method::Dora => "dora",
-        Method::RoraDora => "rora_dora",
-    }
+    m.name()
 }
 
 const ALL: [Method; 4] = [Method::Lora, Method::Rora, Method::Dora, Method::RoraDora];
@@ -42,7 +37,7 @@ fn scaling_is_alpha_over_r_for_lora_and_alpha_over_sqrt_r_for_rora() {
             adapters::attach(&mut m, &spec(method, rank, 16.0), 0).unwrap();
             let (_, _, lin) = m.projections().next().unwrap();
             assert_eq!(
-                lin.adapter().unwrap().lora().scale,
+                lin.adapter().unwrap().lora().unwrap().scale,
                 method.scaling(16.0, rank)
             );
         }
@@ -62,7 +57,7 @@ fn fresh_adapters_leave_logits_unchanged() {
     for method in ALL {
         let mut m = base.model.clone();
         let mut s = spec(method, 8, 16.0);
-        s.targets = adapters::MODULES.map(String::from).to_vec();
+        s.targets = Some(adapters::MODULES.map(String::from).to_vec());
         let report = adapters::attach(&mut m, &s, 3).unwrap();
         assert_eq!(report.adapted_modules, 35);
         let after = m.forward(&ids, None, None).unwrap();

@@ -77,15 +77,11 @@ pub fn attach_spec(
     targets: &[&str],
 ) -> rora::adapters::AttachSpec {
     rora::adapters::AttachSpec {
-        from: None,
-        method: Some(method),
         rank,
         alpha: Some(alpha),
-        dropout,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-        layers: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
+        dropout: Some(dropout),
+        targets: Some(targets.iter().map(|s| s.to_string()).collect()),
+        ..rora::adapters::AttachSpec::new(method)
     }
 }
 

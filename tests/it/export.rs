@@ -11,17 +11,7 @@ use std::path::Path;
 
 fn adapted_stories(method: Method, targets: &[&str]) -> (LoadedModel, AttachSpec) {
     let mut loaded = load_stories();
-    let spec = AttachSpec {
-        from: None,
-        method: Some(method),
-        rank: 8,
-        alpha: Some(16.0),
-        dropout: 0.05,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-        layers: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-    };
+    let spec = attach_spec(method, 8, 16.0, 0.05, targets);
     adapters::attach(&mut loaded.model, &spec, 1).unwrap();
     randomize_adapters(&loaded.model, 2);
     (loaded, spec)

@@ -109,7 +109,7 @@ fn adapter_gguf_applies_as_rora_in_llama_cpps_arithmetic() {
                 continue;
             };
             // rora's update, HF row order, then llama.cpp's row order for q and k.
-            let lora = adapter.lora();
+            let lora = adapter.lora().unwrap();
             let mut want =
                 (lora.b.as_tensor().matmul(lora.a.as_tensor()).unwrap() * lora.scale).unwrap();
             let n_head = want.dim(0).unwrap() / 8;
