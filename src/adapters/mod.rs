@@ -331,8 +331,8 @@ impl AttachSpec {
         if method.is_low_rank() && (self.rank == 0 || self.rank_pattern.values().any(|&r| r == 0)) {
             bail!("attach.rank (and every rank_pattern value) must be at least 1");
         }
-        if !method.is_low_rank() && !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty())
-        {
+        let has_patterns = !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty());
+        if !method.is_low_rank() && has_patterns {
             bail!(
                 "attach: rank_pattern/alpha_pattern are LoRA settings; {} adapters have none",
                 method.name()

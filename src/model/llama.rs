@@ -27,6 +27,7 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -65,6 +66,11 @@ impl KvCache {
             .first()
             .and_then(|l| l.0.as_ref())
             .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Layer `i`'s cached keys and values, each (b, kv_heads, T, head_dim), post-rotary.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(|l| l.0.as_ref())
     }
 
     /// Keeps the batch rows `rows` (in that order): beam search reorders its beams this way.
@@ -359,7 +365,7 @@ fn positions_and_mask(
             let rows = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             if rows.len() != b || rows.iter().any(|r| r.len() != total) {
                 bail!(
-                    "attention mask has shape {:?}, expected [{b}, {total}] (cached + new positions)",
+                    "attention mask has shape {:?}, expected [{b}, {total}] (prefix + cached + new positions)",
                     m.dims()
                 );
             }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rora::adapters::{self, AttachSpec, Method};
 use rora::model::loss::masked_mean_nll;
-use rora::model::{safetensors_dir, Llama};
+use rora::model::Llama;
 use rora::nn::dropout;
 use rora::nn::frozen::FrozenWeight;
 use rora::nn::Mode;
@@ -81,9 +81,7 @@ fn attach_reports_trainable_parameters_like_peft() {
 /// A tiny two-layer non-uniform model with adapters whose B (and magnitude) are random,
 /// so that every gradient is non-zero.
 fn adapted_tiny(method: Method) -> Llama {
-    let tmp = tempfile::tempdir().unwrap();
-    write_tiny_model(
-        tmp.path(),
+    let mut model = tiny_llama(
         &[
             TinyLayer {
                 heads: 8,
@@ -98,9 +96,6 @@ fn adapted_tiny(method: Method) -> Llama {
         ],
         5,
     );
-    let cfg = safetensors_dir::read_config(tmp.path()).unwrap();
-    let w = safetensors_dir::read_weights(tmp.path(), DType::F32, &Device::Cpu).unwrap();
-    let mut model = Llama::from_weights(cfg, &w).unwrap();
     adapters::attach(&mut model, &spec(method, 4, 8.0), 1).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     for (name, var) in adapters::trainable_vars(&model) {
@@ -118,48 +113,6 @@ fn adapted_tiny(method: Method) -> Llama {
     model
 }
 
-const IDS: [u32; 9] = [1, 45, 300, 7, 99, 12, 401, 3, 250];
-
-fn loss(model: &Llama) -> Tensor {
-    let logits = model.forward(&ids_tensor(&IDS), None, None).unwrap();
-    let n = IDS.len() - 1;
-    let mask = Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap();
-    masked_mean_nll(
-        &logits.narrow(1, 0, n).unwrap(),
-        &ids_tensor(&IDS[1..]),
-        &mask,
-    )
-    .unwrap()
-    .0
-}
-
-/// ‖g − fd‖ / ‖fd‖ over the 6 coordinates of `var` with the largest gradient `g`, with
-/// central differences of `f` (eps 1e-2: the f32 loss has rounding error ~1e-6, so the
-/// quotient's rounding is ~1e-4 relative, and the truncation error ~eps² is as small).
-fn fd_error(var: &candle_core::Var, g: &Tensor, f: impl Fn() -> f64) -> f64 {
-    let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-    let x0: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let mut order: Vec<usize> = (0..g.len()).collect();
-    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-    let (mut num, mut den) = (0f64, 0f64);
-    for &i in order.iter().take(6) {
-        let eval = |delta: f32| {
-            let mut x = x0.clone();
-            x[i] += delta;
-            var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            let l = f();
-            var.set(&Tensor::from_vec(x0.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            l
-        };
-        let fd = (eval(1e-2) - eval(-1e-2)) / 2e-2;
-        num += (g[i] as f64 - fd).powi(2);
-        den += fd.powi(2);
-    }
-    (num / den).sqrt()
-}
-
 #[test]
 fn adapter_gradients_match_finite_differences_and_base_gets_none() {
     // Through the whole model. DoRA's A and B are checked per layer below: its backward
@@ -167,7 +120,7 @@ fn adapter_gradients_match_finite_differences_and_base_gets_none() {
     // differentiates; its magnitude does not enter the norm and is checked here.
     for method in [Method::Lora, Method::Rora, Method::Dora] {
         let model = adapted_tiny(method);
-        let grads = loss(&model).backward().unwrap();
+        let grads = tiny_loss(&model).backward().unwrap();
         for (_, _, lin) in model.projections() {
             assert!(
                 grads.get(lin.weight()).is_none(),
@@ -190,7 +143,9 @@ fn adapter_gradients_match_finite_differences_and_base_gets_none() {
                 let g = grads
                     .get(var.as_tensor())
                     .unwrap_or_else(|| panic!("{name}: no gradient"));
-                let err = fd_error(var, g, || loss(&model).to_scalar::<f32>().unwrap() as f64);
+                let err = fd_relative_error(var, g, || {
+                    tiny_loss(&model).to_scalar::<f32>().unwrap() as f64
+                });
                 println!("{method:?} {name}: relative error {err:.2e}");
                 assert!(err < 1e-2, "{method:?} {name}: relative error {err}");
             }
@@ -230,7 +185,7 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
         ("magnitude", &dora.magnitude),
     ] {
         let g = grads.get(var.as_tensor()).unwrap();
-        let err = fd_error(var, g, || {
+        let err = fd_relative_error(var, g, || {
             objective(
                 dora.forward_with_norm(&x, &frozen, &norm0, Mode::Eval)
                     .unwrap(),

@@ -191,12 +191,22 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Sets every adapter's B (uniform ±0.05) and DoRA magnitude (×0.8–1.2) to random
+/// A random model of these layers (see [`write_tiny_model`]), loaded in f32.
+pub fn tiny_llama(layers: &[TinyLayer], seed: u64) -> rora::model::Llama {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_model(tmp.path(), layers, seed);
+    let cfg = rora::model::safetensors_dir::read_config(tmp.path()).unwrap();
+    let w =
+        rora::model::safetensors_dir::read_weights(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    rora::model::Llama::from_weights(cfg, &w).unwrap()
+}
+
+/// Sets every adapter's B and bottleneck up-projection (uniform ±0.05) and DoRA magnitude (×0.8–1.2) to random
 /// values, so that adapters change the model clearly, as trained ones do.
 pub fn randomize_adapters(model: &rora::model::Llama, seed: u64) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     for (name, var) in rora::adapters::trainable_vars(model) {
-        if name.ends_with("lora_B.weight") {
+        if name.ends_with("lora_B.weight") || name.ends_with("adapter_up.weight") {
             let v: Vec<f32> = (0..var.elem_count())
                 .map(|_| rng.random_range(-0.05..0.05))
                 .collect();
@@ -254,4 +264,46 @@ pub fn assert_resume_is_bitwise(dir: &Path, file: &Path, stop_after: usize, last
             .collect()
     };
     assert_eq!(losses(&log_a), losses(&log_b));
+}
+
+pub const IDS: [u32; 9] = [1, 45, 300, 7, 99, 12, 401, 3, 250];
+
+pub fn tiny_loss(model: &rora::model::Llama) -> Tensor {
+    let logits = model.forward(&ids_tensor(&IDS), None, None).unwrap();
+    let n = IDS.len() - 1;
+    let mask = Tensor::ones((1, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+    rora::model::loss::masked_mean_nll(
+        &logits.narrow(1, 0, n).unwrap(),
+        &ids_tensor(&IDS[1..]),
+        &mask,
+    )
+    .unwrap()
+    .0
+}
+
+/// ‖g − fd‖ / ‖fd‖ over the 6 coordinates of `var` with the largest gradient `g`, with
+/// central differences of `f` (eps 1e-2: the f32 loss has rounding error ~1e-6, so the
+/// quotient's rounding is ~1e-4 relative, and the truncation error ~eps² is as small).
+pub fn fd_relative_error(var: &candle_core::Var, g: &Tensor, f: impl Fn() -> f64) -> f64 {
+    let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let x0: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+    let (mut num, mut den) = (0f64, 0f64);
+    for &i in order.iter().take(6) {
+        let eval = |delta: f32| {
+            let mut x = x0.clone();
+            x[i] += delta;
+            var.set(&Tensor::from_vec(x, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let l = f();
+            var.set(&Tensor::from_vec(x0.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            l
+        };
+        let fd = (eval(1e-2) - eval(-1e-2)) / 2e-2;
+        num += (g[i] as f64 - fd).powi(2);
+        den += fd.powi(2);
+    }
+    (num / den).sqrt()
 }
