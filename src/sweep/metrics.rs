@@ -50,6 +50,9 @@ pub struct Metrics {
     /// The tasks averaged, by their papers' column names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<String>,
+    /// Each task's accuracy (0–1), in the order of `tasks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub task_accuracy: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -86,6 +89,7 @@ pub fn read(run_dir: &Path, spec: &PipelineSpec) -> Result<Metrics> {
             m.accuracy = Some(p.average);
             m.protocol = Some(p.protocol.name().to_string());
             m.tasks = p.tasks.iter().map(|t| t.column.clone()).collect();
+            m.task_accuracy = p.tasks.iter().map(|t| t.accuracy).collect();
             m.accuracy_from = Some(file);
         }
     }

@@ -52,6 +52,9 @@ pub struct PivotCell {
     pub chosen: BTreeMap<String, String>,
     /// Runs behind the cell without a result (failed or not run yet).
     pub missing: usize,
+    /// Each task's accuracy over the kept runs, in the order of their `tasks`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_task: Vec<Stats>,
 }
 
 impl PivotCell {
@@ -93,6 +96,30 @@ impl Config<'_> {
             })
             .collect();
         Stats::of(&values)
+    }
+
+    /// Per task (in the runs' task order), the accuracy's statistics over the finished runs.
+    fn task_stats(&self) -> Vec<Stats> {
+        let ok: Vec<&RunRecord> = self
+            .runs
+            .iter()
+            .copied()
+            .filter(|r| r.status == Status::Ok)
+            .collect();
+        let n = ok
+            .iter()
+            .map(|r| r.metrics.task_accuracy.len())
+            .max()
+            .unwrap_or(0);
+        (0..n)
+            .filter_map(|i| {
+                let values: Vec<f64> = ok
+                    .iter()
+                    .filter_map(|r| r.metrics.task_accuracy.get(i).copied())
+                    .collect();
+                Stats::of(&values)
+            })
+            .collect()
     }
 
     fn missing(&self) -> usize {
@@ -205,12 +232,14 @@ fn reduce(candidates: &[&Config], layout: &Layout) -> Option<PivotCell> {
                 })
                 .collect(),
             missing: c.missing(),
+            per_task: c.task_stats(),
         },
         None => PivotCell {
             accuracy: None,
             ppl: None,
             chosen: BTreeMap::new(),
             missing: candidates.iter().map(|c| c.missing()).sum(),
+            per_task: Vec::new(),
         },
     })
 }

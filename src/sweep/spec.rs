@@ -23,7 +23,8 @@ pub struct SweepSpec {
     /// The axis of the summary's table rows; default the first axis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<String>,
-    /// The axis of its columns; default the next one.
+    /// The axis of its columns; default the next one. `tasks`: no columns axis, one column
+    /// per evaluated task (the papers' one-row-per-method tables).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<String>,
     /// Axes reduced by keeping the value with the best mean `metric`.
@@ -33,6 +34,9 @@ pub struct SweepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<Metric>,
 }
+
+/// `columns: tasks`: a column per task instead of a columns axis.
+pub const TASK_COLUMNS: &str = "tasks";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -299,7 +303,12 @@ impl SweepSpec {
             .rows
             .iter()
             .map(|k| ("rows", k))
-            .chain(self.columns.iter().map(|k| ("columns", k)))
+            .chain(
+                self.columns
+                    .iter()
+                    .filter(|k| *k != TASK_COLUMNS)
+                    .map(|k| ("columns", k)),
+            )
             .chain(self.best_of.iter().map(|k| ("best_of", k)));
         let mut used: Vec<&str> = Vec::new();
         for (what, key) in layout {
@@ -337,10 +346,11 @@ impl SweepSpec {
                     .cloned()
             })
             .unwrap_or_default();
-        let columns = self
-            .columns
-            .clone()
-            .or_else(|| free.iter().find(|k| **k != rows).cloned());
+        let columns = match self.columns.as_deref() {
+            Some(TASK_COLUMNS) => None,
+            Some(c) => Some(c.to_string()),
+            None => free.iter().find(|k| **k != rows).cloned(),
+        };
         Layout {
             rows,
             columns,
@@ -426,6 +436,27 @@ mod tests {
         assert_eq!(both.grids, yaml.grids);
         both.validate().unwrap();
         assert_eq!(both.layout(Metric::Ppl).rows, "finetune.learning_rate");
+    }
+
+    #[test]
+    fn columns_tasks_means_no_columns_axis() {
+        let spec = SweepSpec {
+            grids: vec![Grid {
+                axes: vec![
+                    "attach.method=lora,rora".parse().unwrap(),
+                    "attach.rank=8,16".parse().unwrap(),
+                ],
+            }],
+            rows: Some("attach.method".into()),
+            columns: Some(TASK_COLUMNS.into()),
+            ..Default::default()
+        };
+        spec.validate().unwrap();
+        let layout = spec.layout(Metric::Accuracy);
+        assert_eq!(
+            (layout.rows.as_str(), layout.columns),
+            ("attach.method", None)
+        );
     }
 
     #[test]

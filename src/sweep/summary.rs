@@ -133,6 +133,7 @@ impl SweepSummary {
                 self.pivot_table(&mut s, metric);
             }
         }
+        self.per_task_table(&mut s);
         if self.has_points() {
             let _ = writeln!(
                 s,
@@ -242,6 +243,54 @@ impl SweepSummary {
         for sentence in p.within_spread(metric, |x| format_metric(metric, x)) {
             let _ = writeln!(s, "{sentence}\n");
         }
+    }
+
+    /// Without a columns axis, one row per value of the rows axis with each task's accuracy
+    /// and their mean, as the papers' tables have them (for the kept `best_of` runs).
+    fn per_task_table(&self, s: &mut String) {
+        let p = &self.pivot;
+        let Some(tasks) = self
+            .runs
+            .iter()
+            .map(|r| &r.metrics.tasks)
+            .find(|t| !t.is_empty())
+        else {
+            return;
+        };
+        if p.column_axis.is_some()
+            || p.cells
+                .iter()
+                .flatten()
+                .flatten()
+                .all(|c| c.per_task.is_empty())
+        {
+            return;
+        }
+        let _ = writeln!(s, "## Accuracy per task (%)\n");
+        let _ = writeln!(
+            s,
+            "| {} | {} | average |",
+            self.layout.rows,
+            tasks.join(" | ")
+        );
+        let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(tasks.len()));
+        for (row, cells) in p.rows.iter().zip(&p.cells) {
+            let Some(c) = cells.first().and_then(Option::as_ref) else {
+                continue;
+            };
+            let mut texts: Vec<String> = (0..tasks.len())
+                .map(|i| {
+                    c.per_task
+                        .get(i)
+                        .map_or(String::new(), |st| format_stats(Metric::Accuracy, st))
+                })
+                .collect();
+            texts.push(c.accuracy.as_ref().map_or(String::new(), |st| {
+                format!("**{}**", format_stats(Metric::Accuracy, st))
+            }));
+            let _ = writeln!(s, "| {row} | {} |", texts.join(" | "));
+        }
+        s.push('\n');
     }
 
     fn cell_text(&self, c: &PivotCell, metric: Metric) -> String {

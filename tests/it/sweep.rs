@@ -229,6 +229,27 @@ fn yaml_sweep_block_with_repeats_and_best_of() {
     let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
     assert!(md.contains(&format!("· lr={best}")), "{md}");
     assert!(md.contains("repeats over seed"), "{md}");
+    // Without a columns axis, the papers' table: a column per task and their average, for
+    // the kept learning rate, each task's mean over the seeds.
+    assert!(
+        md.contains("## Accuracy per task (%)\n\n| attach.method | ARC-e | PIQA | average |"),
+        "{md}"
+    );
+    let task_mean = |i: usize| {
+        let acc: Vec<f64> = summary["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["cell"]["attach.method"] == "lora")
+            .filter(|r| r["cell"]["finetune.learning_rate"] == best)
+            .map(|r| r["task_accuracy"][i].as_f64().unwrap())
+            .collect();
+        acc.iter().sum::<f64>() / acc.len() as f64
+    };
+    for i in 0..2 {
+        let got = lora["per_task"][i]["mean"].as_f64().unwrap();
+        assert!((got - task_mean(i)).abs() < 1e-12, "task {i}: {got}");
+    }
 
     // A plain run of the same file runs the pipeline once and says the block is not used.
     let once = recover(&[
