@@ -91,6 +91,10 @@ pub struct SweepArgs {
     /// What best means (default: accuracy when the pipeline evaluates tasks, else ppl).
     #[arg(long, value_enum)]
     pub metric: Option<crate::sweep::Metric>,
+    /// The protocol the accuracy is read from (default: content when the evaluation ran
+    /// it, else its first). Finished runs are re-read, not rerun.
+    #[arg(long, value_enum)]
+    pub protocol: Option<crate::eval::Protocol>,
     /// The sweep folder (default: `sweep.out`, else runs/<name>-sweep).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -442,6 +446,7 @@ fn sweep(a: SweepArgs) -> Result<()> {
         columns: a.columns,
         best_of: a.best_of,
         metric: a.metric,
+        protocol: a.protocol,
     };
     if a.dry_run {
         println!("{}", crate::sweep::plan(&a.pipeline, &a.set, &from_cli)?);

@@ -6,9 +6,10 @@
 //!
 //! Layers, lowest first; a module imports only from the layers below it:
 //! - [`nn`]: frozen weights, fused kernels, `Linear` with its adapter slot, LoRA / DoRA /
-//!   dropout, the train/eval [`nn::Mode`];
+//!   bottleneck / dropout, prefix-tuning vectors, the train/eval [`nn::Mode`];
 //! - [`model`]: config, tensor schema, loading (folders, GGUF, hub), tokenizer, the LLaMA;
-//! - [`data`] (training and task files), [`adapters`] (attach policy, PEFT I/O, merge);
+//! - [`data`] (training and task files), [`adapters`] (attach policy, PEFT and
+//!   LLM-Adapters I/O, merge);
 //! - the stages: [`inspect`], [`prune`], [`eval`], [`export`], with [`report`]; then
 //!   [`train`], which runs [`eval`] at checkpoints (`finetune.checkpoint_eval`);
 //! - [`pipeline`] (spec, stage functions, the runner that writes every file), [`sweep`]

@@ -62,8 +62,8 @@ pub struct Metrics {
 }
 
 /// Reads the metrics of the run of `spec` in `run_dir`, from the reports its manifest
-/// lists.
-pub fn read(run_dir: &Path, spec: &PipelineSpec) -> Result<Metrics> {
+/// lists; the accuracy under `protocol` (default: content when run, else the first).
+pub fn read(run_dir: &Path, spec: &PipelineSpec, protocol: Option<Protocol>) -> Result<Metrics> {
     let sources = sources(spec);
     let records = read_stage_records(run_dir)?;
     let report_of = |index: usize| {
@@ -82,9 +82,18 @@ pub fn read(run_dir: &Path, spec: &PipelineSpec) -> Result<Metrics> {
     if let Some(index) = sources.accuracy {
         let file = report_of(index)?;
         let report = read_report(&run_dir.join(&file), None)?.report;
-        let chosen = report
-            .protocol(Protocol::Content)
-            .or(report.protocols.first());
+        let chosen = match protocol {
+            Some(p) => Some(report.protocol(p).ok_or_else(|| {
+                anyhow!(
+                    "{}: the evaluation did not run the `{}` protocol the sweep reads",
+                    run_dir.join(&file).display(),
+                    p.name()
+                )
+            })?),
+            None => report
+                .protocol(Protocol::Content)
+                .or(report.protocols.first()),
+        };
         if let Some(p) = chosen.filter(|p| !p.tasks.is_empty()) {
             m.accuracy = Some(p.average);
             m.protocol = Some(p.protocol.name().to_string());

@@ -327,6 +327,7 @@ mod tests {
             columns: Some("rank".into()),
             best_of: best_of.iter().map(|s| s.to_string()).collect(),
             metric,
+            protocol: None,
         }
     }
 

@@ -37,6 +37,7 @@ pub fn run_sweep(file: &Path, overrides: &[String], cli: &SweepSpec) -> Result<S
     } = prepare(file, overrides, cli)?;
     summary.write()?;
     let n = runs.len();
+    let protocol = summary.layout.protocol;
     let pb = progress::bar(n as u64, "cell");
     for (i, (run, spec)) in runs.iter().zip(&specs).enumerate() {
         pb.set_message(run.name.clone());
@@ -57,7 +58,7 @@ pub fn run_sweep(file: &Path, overrides: &[String], cli: &SweepSpec) -> Result<S
                 }
                 record.reused = true;
                 record.wall_s = manifest["wall_s"].as_f64();
-                finish(record, spec, Ok(()));
+                finish(record, spec, protocol, Ok(()));
                 pb.inc(1);
                 summary.write()?;
                 continue;
@@ -78,7 +79,7 @@ pub fn run_sweep(file: &Path, overrides: &[String], cli: &SweepSpec) -> Result<S
         };
         let outcome = run_pipeline(file, &run_overrides[i], options).map(|_| ());
         record.wall_s = Some(started.elapsed().as_secs_f64());
-        finish(record, spec, outcome);
+        finish(record, spec, protocol, outcome);
         progress::line(&format!(
             "cell {}/{n} {}: {}",
             i + 1,
@@ -288,9 +289,14 @@ fn same_pipeline(manifest: &serde_json::Value, spec: &PipelineSpec) -> bool {
 }
 
 /// Records how a run ended, with its metrics when it finished.
-fn finish(record: &mut RunRecord, spec: &PipelineSpec, outcome: Result<()>) {
+fn finish(
+    record: &mut RunRecord,
+    spec: &PipelineSpec,
+    protocol: Option<crate::eval::Protocol>,
+    outcome: Result<()>,
+) {
     let read = outcome.and_then(|()| {
-        metrics::read(&record.run_dir, spec).context(
+        metrics::read(&record.run_dir, spec, protocol).context(
             "the run finished but its reports cannot be read (remove its folder to run it again)",
         )
     });
@@ -369,6 +375,9 @@ fn command_line(file: &Path, overrides: &[String], cli: &SweepSpec) -> String {
     }
     if let Some(m) = cli.metric {
         flag("metric", m.name().to_string());
+    }
+    if let Some(p) = cli.protocol {
+        flag("protocol", p.name().to_string());
     }
     if let Some(out) = &cli.out {
         flag("out", out.display().to_string());

@@ -2,6 +2,7 @@
 //! grids of `--set` overrides to run the pipeline with, the repeats averaged over, and the
 //! layout of the summary.
 
+use crate::eval::Protocol;
 use crate::pipeline::PipelineSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,10 @@ pub struct SweepSpec {
     /// What best means; default `accuracy` when the pipeline evaluates tasks, else `ppl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<Metric>,
+    /// The evaluation protocol the accuracy is read from; default `content` when the
+    /// evaluation ran it, else its first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
 }
 
 /// `columns: tasks`: a column per task instead of a columns axis.
@@ -72,6 +77,8 @@ pub struct Layout {
     pub columns: Option<String>,
     pub best_of: Vec<String>,
     pub metric: Metric,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
 }
 
 /// One grid: its axes in the order written.
@@ -268,6 +275,7 @@ impl SweepSpec {
                 cli.best_of.clone()
             },
             metric: cli.metric.or(self.metric),
+            protocol: cli.protocol.or(self.protocol),
         }
     }
 
@@ -356,6 +364,7 @@ impl SweepSpec {
             columns,
             best_of: self.best_of.clone(),
             metric,
+            protocol: self.protocol,
         }
     }
 }

@@ -370,3 +370,67 @@ fn bad_axes_fail_before_any_run() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("KEY=V1,V2"));
 }
+
+/// `--protocol` picks the protocol the accuracy is read from; finished runs are re-read,
+/// not rerun, and a protocol the evaluation did not run is an error naming it.
+#[test]
+fn protocol_flag_rereads_finished_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write_pipeline(tmp.path(), "");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("protocol: content", "protocol: [content, choice]");
+    std::fs::write(&file, text).unwrap();
+    let out = tmp.path().join("sweep");
+    let sweep = |extra: &[&str]| {
+        let mut args = vec![
+            "sweep",
+            "--pipeline",
+            file.to_str().unwrap(),
+            "--grid",
+            "attach.rank=4",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        recover(&args)
+    };
+    let first = sweep(&[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let run = out.join("rank=4");
+    let report = read_json(&run.join("eval-after.json"));
+    let average = |p: &str| {
+        report["protocols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["protocol"] == p)
+            .unwrap()["average"]
+            .as_f64()
+            .unwrap()
+    };
+    let accuracy = |o: &std::process::Output| {
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            s["runs"][0]["reused"],
+            serde_json::json!(!std::ptr::eq(o, &first))
+        );
+        s["runs"][0]["accuracy"].as_f64().unwrap()
+    };
+    assert_eq!(accuracy(&first), average("content"));
+    let choice = sweep(&["--protocol", "choice"]);
+    assert!(choice.status.success(), "{}", stderr(&choice));
+    assert_eq!(accuracy(&choice), average("choice"));
+    let missing = sweep(&["--protocol", "generate"]);
+    let s: serde_json::Value = serde_json::from_slice(&missing.stdout).unwrap_or_default();
+    let error = s["runs"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("`generate` protocol") || stderr(&missing).contains("`generate` protocol"),
+        "{error} {}",
+        stderr(&missing)
+    );
+}
