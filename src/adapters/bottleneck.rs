@@ -29,7 +29,7 @@ pub struct BottleneckConfig {
     pub use_adapterp: bool,
     /// A number, or `"learned"` (not supported).
     pub scaling: serde_json::Value,
-    #[serde(default = "none_str")]
+    #[serde(default = "super::peft::none_str")]
     pub bias: String,
     #[serde(default = "mam")]
     pub init_weights: String,
@@ -39,9 +39,6 @@ pub struct BottleneckConfig {
     pub inference_mode: bool,
 }
 
-fn none_str() -> String {
-    "none".into()
-}
 fn mam() -> String {
     "mam_adapter".into()
 }
@@ -95,10 +92,10 @@ impl BottleneckConfig {
         };
         // LLM-Adapters' defaults when the config names no modules (`use_adapterp`: after
         // the MLP only).
-        let targets = match (&self.target_modules, self.use_adapterp) {
-            (Some(t), _) => t.clone(),
-            (None, true) => vec!["down_proj".to_string()],
-            (None, false) => method.default_targets(),
+        let targets = match (&self.target_modules, method, self.use_adapterp) {
+            (Some(t), _, _) => t.clone(),
+            (None, Method::Series, true) => vec!["down_proj".to_string()],
+            (None, m, _) => m.default_targets(),
         };
         if !(self.init_weights == "bert" || self.init_weights == "mam_adapter") {
             bail!(

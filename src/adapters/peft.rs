@@ -63,7 +63,7 @@ fn whole_as_integer<S: serde::Serializer>(x: &f64, s: S) -> std::result::Result<
     }
 }
 
-fn none_str() -> String {
+pub(super) fn none_str() -> String {
     "none".into()
 }
 fn yes() -> serde_json::Value {
@@ -172,31 +172,24 @@ pub fn write_adapter(
     let method = spec.method()?;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create adapter folder {}", dir.display()))?;
-    let tensors: HashMap<String, Tensor> = match (&model.prefix, method) {
+    let config = dir.join(CONFIG_FILE);
+    let weights = || -> HashMap<String, Tensor> {
+        vars.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    };
+    let tensors = match (&model.prefix, method) {
         (Some(prefix), Method::Prefix) => {
-            fsx::write_json(
-                &dir.join(CONFIG_FILE),
-                &PeftPrefixConfig::new(prefix, spec, base_model),
-            )?;
+            fsx::write_json(&config, &PeftPrefixConfig::new(prefix, spec, base_model))?;
             HashMap::from([(PROMPT_EMBEDDINGS.to_string(), prefix.rows()?)])
         }
         (None, m) if m.is_bottleneck() => {
-            fsx::write_json(
-                &dir.join(CONFIG_FILE),
-                &BottleneckConfig::from_spec(spec, base_model)?,
-            )?;
-            vars.into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect()
+            fsx::write_json(&config, &BottleneckConfig::from_spec(spec, base_model)?)?;
+            weights()
         }
         (None, m) if m.is_low_rank() => {
-            fsx::write_json(
-                &dir.join(CONFIG_FILE),
-                &PeftLoraConfig::from_spec(spec, base_model)?,
-            )?;
-            vars.into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect()
+            fsx::write_json(&config, &PeftLoraConfig::from_spec(spec, base_model)?)?;
+            weights()
         }
         _ => bail!(
             "export.adapter: the attach settings ({}) do not describe the model's adapters",
@@ -240,9 +233,14 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig> {
         "BOTTLENECK" => AdapterConfig::Bottleneck(
             serde_json::from_value(value).with_context(|| parse("LLM-Adapters bottleneck"))?,
         ),
-        _ => {
+        "LORA" => {
             AdapterConfig::Lora(serde_json::from_value(value).with_context(|| parse("PEFT LoRA"))?)
         }
+        other => bail!(
+            "{}: peft_type `{other}` is not supported by rora (LORA, with use_dora for DoRA; \
+             PREFIX_TUNING; LLM-Adapters' BOTTLENECK)",
+            path.display()
+        ),
     })
 }
 

@@ -71,8 +71,8 @@ fn yes() -> bool {
 }
 
 impl ExportSpec {
-    /// The requested outputs that hold merged weights (`adapter_gguf` and `gguf_base`
-    /// check the adapters themselves).
+    /// The requested outputs that hold merged weights (`adapter_gguf`, LoRA pairs, checks
+    /// the adapters itself; `gguf_base` holds none).
     pub fn merging_outputs(&self) -> Vec<&'static str> {
         [
             (&self.merged, "merged"),

@@ -261,7 +261,11 @@ impl PipelineSpec {
                         bail!("stages[{i}]: adapters are already attached by an earlier `attach` stage");
                     }
                     attached = true;
-                    method = a.method;
+                    // A folder's method, when its config can be read now.
+                    method = a.method.or_else(|| {
+                        let dir = a.from.as_ref()?;
+                        crate::adapters::peft::read_adapter_config(dir).ok()?.method
+                    });
                 }
                 Stage::Finetune(f) => {
                     f.validate()
@@ -286,11 +290,16 @@ impl PipelineSpec {
                     e.validate()
                         .with_context(|| format!("stages[{i}].export"))?;
                     if let Some(m) = method.filter(|m| !m.is_low_rank()) {
-                        if let Some(key) = e.merging_outputs().first() {
+                        let mut refused = e.merging_outputs();
+                        if e.adapter_gguf.is_some() {
+                            refused.push("adapter_gguf");
+                        }
+                        if let Some(key) = refused.first() {
                             bail!(
-                                "stages[{i}].export.{key}: {} adapters cannot be merged into the \
-                                 weights (prefix tuning is not a weight; bottleneck adapters are \
-                                 nonlinear); export the adapter alone with `adapter: DIR`",
+                                "stages[{i}].export.{key}: {} adapters are neither a weight update \
+                                 nor LoRA pairs (prefix tuning adds key/value vectors; bottleneck \
+                                 adapters are nonlinear), so they cannot be merged or written for \
+                                 llama.cpp's --lora; export the adapter alone with `adapter: DIR`",
                                 m.name()
                             );
                         }

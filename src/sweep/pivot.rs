@@ -52,9 +52,17 @@ pub struct PivotCell {
     pub chosen: BTreeMap<String, String>,
     /// Runs behind the cell without a result (failed or not run yet).
     pub missing: usize,
-    /// Each task's accuracy over the kept runs, in the order of their `tasks`.
+    /// Each task's accuracy over the kept runs, by task, in the order the runs name them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub per_task: Vec<Stats>,
+    pub per_task: Vec<TaskStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskStats {
+    /// The task's column name (`ARC-e`, `PIQA`, …).
+    pub task: String,
+    #[serde(flatten)]
+    pub stats: Stats,
 }
 
 impl PivotCell {
@@ -98,26 +106,37 @@ impl Config<'_> {
         Stats::of(&values)
     }
 
-    /// Per task (in the runs' task order), the accuracy's statistics over the finished runs.
-    fn task_stats(&self) -> Vec<Stats> {
+    /// Per task (matched by name, in the order the runs name them), the accuracy's
+    /// statistics over the finished runs.
+    fn task_stats(&self) -> Vec<TaskStats> {
         let ok: Vec<&RunRecord> = self
             .runs
             .iter()
             .copied()
             .filter(|r| r.status == Status::Ok)
             .collect();
-        let n = ok
-            .iter()
-            .map(|r| r.metrics.task_accuracy.len())
-            .max()
-            .unwrap_or(0);
-        (0..n)
-            .filter_map(|i| {
+        let mut names: Vec<&String> = Vec::new();
+        for r in &ok {
+            for t in &r.metrics.tasks {
+                if !names.contains(&t) {
+                    names.push(t);
+                }
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|name| {
                 let values: Vec<f64> = ok
                     .iter()
-                    .filter_map(|r| r.metrics.task_accuracy.get(i).copied())
+                    .filter_map(|r| {
+                        let i = r.metrics.tasks.iter().position(|t| t == name)?;
+                        r.metrics.task_accuracy.get(i).copied()
+                    })
                     .collect();
-                Stats::of(&values)
+                Some(TaskStats {
+                    task: name.clone(),
+                    stats: Stats::of(&values)?,
+                })
             })
             .collect()
     }

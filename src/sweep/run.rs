@@ -295,11 +295,7 @@ fn finish(
     protocol: Option<crate::eval::Protocol>,
     outcome: Result<()>,
 ) {
-    let read = outcome.and_then(|()| {
-        metrics::read(&record.run_dir, spec, protocol).context(
-            "the run finished but its reports cannot be read (remove its folder to run it again)",
-        )
-    });
+    let read = outcome.and_then(|()| metrics::read(&record.run_dir, spec, protocol));
     match read {
         Ok(m) => {
             record.status = Status::Ok;

@@ -249,15 +249,14 @@ impl SweepSummary {
     /// and their mean, as the papers' tables have them (for the kept `best_of` runs).
     fn per_task_table(&self, s: &mut String) {
         let p = &self.pivot;
-        let Some(tasks) = self
-            .runs
-            .iter()
-            .map(|r| &r.metrics.tasks)
-            .find(|t| !t.is_empty())
-        else {
-            return;
-        };
-        if p.column_axis.is_some()
+        let mut tasks: Vec<&str> = Vec::new();
+        for t in self.runs.iter().flat_map(|r| &r.metrics.tasks) {
+            if !tasks.contains(&t.as_str()) {
+                tasks.push(t);
+            }
+        }
+        if tasks.is_empty()
+            || p.column_axis.is_some()
             || p.cells
                 .iter()
                 .flatten()
@@ -278,11 +277,13 @@ impl SweepSummary {
             let Some(c) = cells.first().and_then(Option::as_ref) else {
                 continue;
             };
-            let mut texts: Vec<String> = (0..tasks.len())
-                .map(|i| {
+            let mut texts: Vec<String> = tasks
+                .iter()
+                .map(|name| {
                     c.per_task
-                        .get(i)
-                        .map_or(String::new(), |st| format_stats(Metric::Accuracy, st))
+                        .iter()
+                        .find(|t| t.task == *name)
+                        .map_or(String::new(), |t| format_stats(Metric::Accuracy, &t.stats))
                 })
                 .collect();
             texts.push(c.accuracy.as_ref().map_or(String::new(), |st| {

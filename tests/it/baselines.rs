@@ -667,3 +667,57 @@ fn resumed_runs_of_new_methods_are_bitwise_equal() {
         assert_resume_is_bitwise(tmp.path(), &file, 4, 8);
     }
 }
+
+/// A folder of another PEFT method is refused naming its `peft_type`; `adapter_gguf` of a
+/// bottleneck adapter is refused by the validator, also when the method comes from an
+/// adapter folder.
+#[test]
+fn other_peft_types_and_adapter_gguf_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ia3 = tmp.path().join("ia3");
+    std::fs::create_dir_all(&ia3).unwrap();
+    std::fs::write(
+        ia3.join("adapter_config.json"),
+        r#"{"peft_type": "IA3", "target_modules": ["k_proj"]}"#,
+    )
+    .unwrap();
+    let err = match peft::read_adapter_config(&ia3) {
+        Ok(_) => panic!("an IA3 folder was read"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("peft_type `IA3`"), "{err}");
+
+    let mut loaded = load_stories();
+    let s = spec("method: series\nbottleneck_size: 8");
+    adapters::attach(&mut loaded.model, &s, 0).unwrap();
+    let folder = tmp.path().join("series");
+    peft::write_adapter(&loaded.model, &s, None, &folder).unwrap();
+    for attach in [
+        "method: series".to_string(),
+        format!("from: {}", folder.display()),
+    ] {
+        let file = tmp.path().join("p.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "name: t\nstages:\n  - load:\n      model: {}\n  - attach:\n      {attach}\n  - export:\n      adapter_gguf: a.gguf\n",
+                stories_dir().display()
+            ),
+        )
+        .unwrap();
+        let run = tmp.path().join("run");
+        let out = recover(&[
+            "--pipeline",
+            file.to_str().unwrap(),
+            "--set",
+            &format!("run_dir={}", run.display()),
+        ]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{attach}");
+        assert!(
+            err.contains("export.adapter_gguf") && err.contains("series"),
+            "{attach}: {err}"
+        );
+        assert!(!run.exists());
+    }
+}
