@@ -464,22 +464,14 @@ fn merged_exports_are_refused_for_prefix_and_bottleneck_adapters() {
     }
     // And the pipeline validator says so before any work.
     let tmp = tempfile::tempdir().unwrap();
-    let file = tmp.path().join("p.yaml");
-    std::fs::write(
-        &file,
-        format!(
+    let (out, run) = run_yaml(
+        tmp.path(),
+        &format!(
             "name: t\nstages:\n  - load:\n      model: {}\n  - attach:\n      method: parallel\n  - export:\n      merged: merged\n",
             stories_dir().display()
         ),
-    )
-    .unwrap();
-    let run = tmp.path().join("run");
-    let out = recover(&[
-        "--pipeline",
-        file.to_str().unwrap(),
-        "--set",
-        &format!("run_dir={}", run.display()),
-    ]);
+        &[],
+    );
     let err = stderr(&out);
     assert!(!out.status.success());
     assert!(

@@ -4,17 +4,6 @@ use crate::common::*;
 use std::path::Path;
 use std::process::Output;
 
-/// Runs `pipeline_yaml` (written to a temp dir) with its run folder in that dir.
-fn run_yaml(dir: &Path, pipeline_yaml: &str, extra: &[&str]) -> (Output, std::path::PathBuf) {
-    let file = dir.join("pipeline.yaml");
-    std::fs::write(&file, pipeline_yaml).unwrap();
-    let run_dir = dir.join("run");
-    let set = format!("run_dir={}", run_dir.display());
-    let mut args = vec!["--pipeline", file.to_str().unwrap(), "--set", &set];
-    args.extend_from_slice(extra);
-    (recover(&args), run_dir)
-}
-
 /// Asserts a failed run: non-zero exit, the message mentions every needle, and no run
 /// folder was left behind.
 fn assert_clean_failure(out: &Output, run_dir: &Path, needles: &[&str]) {

@@ -191,6 +191,21 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Runs `pipeline_yaml` (written to a temp dir) with its run folder in that dir.
+pub fn run_yaml(
+    dir: &Path,
+    pipeline_yaml: &str,
+    extra: &[&str],
+) -> (std::process::Output, std::path::PathBuf) {
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(&file, pipeline_yaml).unwrap();
+    let run_dir = dir.join("run");
+    let set = format!("run_dir={}", run_dir.display());
+    let mut args = vec!["--pipeline", file.to_str().unwrap(), "--set", &set];
+    args.extend_from_slice(extra);
+    (recover(&args), run_dir)
+}
+
 /// A random model of these layers (see [`write_tiny_model`]), loaded in f32.
 pub fn tiny_llama(layers: &[TinyLayer], seed: u64) -> rora::model::Llama {
     let tmp = tempfile::tempdir().unwrap();
