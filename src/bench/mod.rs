@@ -19,7 +19,7 @@ pub use shape::{BenchModelArgs, BenchShape};
 pub use train::{bench_train, TrainBenchReport, TrainBenchSpec};
 
 use crate::nn::frozen::MatmulPrecision;
-use crate::train::ObjectiveKind;
+use crate::train::{Backward, ObjectiveKind};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -90,6 +90,10 @@ pub struct BenchTrainArgs {
     /// `pre_prune` teacher shares the layers `prune` left alone).
     #[arg(long, value_enum, default_value_t = ObjectiveKind::Lm)]
     pub objective: ObjectiveKind,
+    /// The gradients' engine: `auto` (the explicit backward pass where it applies, as
+    /// `finetune` runs) or `autograd` (candle's, the reference).
+    #[arg(long, value_enum, default_value_t = Backward::Auto)]
+    pub backward: Backward,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +114,7 @@ impl BenchTrainArgs {
             matmul_precision: self.matmul_precision,
             objective: self.objective,
             dropout: self.dropout,
+            backward: self.backward,
             ..base
         }
     }

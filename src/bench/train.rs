@@ -8,7 +8,7 @@ use crate::adapters::{self, AttachSpec, Method, MODULES};
 use crate::data::Example;
 use crate::nn::frozen::MatmulPrecision;
 use crate::train::schedule::LrSchedule;
-use crate::train::{Batch, FinetuneSpec, Objective, ObjectiveKind, Trainer};
+use crate::train::{Backward, Batch, FinetuneSpec, Objective, ObjectiveKind, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use rand::SeedableRng;
@@ -45,6 +45,8 @@ pub struct TrainBenchSpec {
     pub matmul_precision: MatmulPrecision,
     /// `kd`/`kd+lm`: the teacher is a second random model of this shape (seed + 1).
     pub objective: ObjectiveKind,
+    /// The gradients' engine: the explicit backward pass (`auto`) or candle's autograd.
+    pub backward: Backward,
 }
 
 impl Default for TrainBenchSpec {
@@ -73,6 +75,7 @@ impl Default for TrainBenchSpec {
             seed: 0,
             matmul_precision: MatmulPrecision::F32,
             objective: ObjectiveKind::Lm,
+            backward: Backward::Auto,
         }
     }
 }
@@ -129,7 +132,7 @@ impl TrainBenchReport {
         out.push_str(&format!(
             "shape: {}; batch {} × {} tokens; \
              f32, frozen products {}; LoRA r={} alpha={} dropout={} on all 7 projections; \
-             AdamW lr {:e}; {} threads\n\n",
+             AdamW lr {:e}; backward {:?}; {} threads\n\n",
             s.describe_shape(),
             s.batch,
             s.seq_len,
@@ -138,6 +141,7 @@ impl TrainBenchReport {
             s.alpha,
             s.dropout,
             s.learning_rate,
+            s.backward,
             self.threads
         ));
         out.push_str("| metric | value |\n|---|---|\n");
@@ -268,6 +272,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         examples,
         Vec::new(),
     )?;
+    trainer.set_backward(spec.backward);
     let rss_after_setup_bytes = proc_status_bytes("VmRSS");
 
     let mut step_s = Vec::with_capacity(spec.steps);

@@ -39,12 +39,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split_heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split_heads(self.q_proj.forward(x, mode)?, h)?;
-        let k = split_heads(self.k_proj.forward(x, mode)?, kvh)?;
-        let v = split_heads(self.v_proj.forward(x, mode)?, kvh)?;
+        let q = split_heads(&self.q_proj.forward(x, mode)?, b, t, h, hd)?;
+        let k = split_heads(&self.k_proj.forward(x, mode)?, b, t, kvh, hd)?;
+        let v = split_heads(&self.v_proj.forward(x, mode)?, b, t, kvh, hd)?;
         let q = apply_rotary(&q, cos, sin)?;
         let mut k = apply_rotary(&k, cos, sin)?;
         let mut v = v;
@@ -66,10 +63,25 @@ impl Attention {
             k = Tensor::cat(&[&before(pk)?, &k], 2)?;
             v = Tensor::cat(&[&before(pv)?, &v], 2)?;
         }
-        let out = scaled_dot_product(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?; // (b, h, t, hd)
-        let out = out.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        self.o_proj.forward(&out, mode)
+        let out = scaled_dot_product(&q, &k, &v, mask, self.scale())?; // (b, h, t, hd)
+        self.o_proj.forward(&merge_heads(&out)?, mode)
     }
+
+    /// The scores' scale, 1/√head_dim.
+    pub fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+}
+
+/// A projection's output (b, t, n·hd) or (b·t, n·hd) → (b, n, t, hd), contiguous.
+pub fn split_heads(y: &Tensor, b: usize, t: usize, n: usize, hd: usize) -> Result<Tensor> {
+    Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// (b, n, t, hd) → (b, t, n·hd), the heads side by side again.
+pub fn merge_heads(out: &Tensor) -> Result<Tensor> {
+    let (b, n, t, hd) = out.dims4()?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, n * hd))?)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` with `q` (b, heads, t, hd), `k`/`v` (b, kv_heads, T, hd)

@@ -225,9 +225,8 @@ impl Llama {
             )?),
             (m, _) => m.cloned(),
         };
-        let (positions, mask) =
-            positions_and_mask(b, t, n + past, with_prefix.as_ref(), self.device())?;
-        let (cos, sin) = self.rope.cos_sin(&positions, embeds.dtype())?;
+        let (cos, sin, mask) =
+            self.rotary_and_mask(b, t, n + past, with_prefix.as_ref(), embeds.dtype())?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -235,6 +234,22 @@ impl Llama {
             x = layer.forward(&x, &cos, &sin, mask.as_ref(), kv, prefix, mode)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// The rotary tables `cos`, `sin` (b, 1, t, head_dim) in `dtype` and the additive mask
+    /// (b, 1, t, past + t) of `t` new positions after `past` earlier ones; `attention_mask`
+    /// (b, past + t) as [`Llama::forward`] takes it.
+    pub(crate) fn rotary_and_mask(
+        &self,
+        b: usize,
+        t: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (positions, mask) = positions_and_mask(b, t, past, attention_mask, self.device())?;
+        let (cos, sin) = self.rope.cos_sin(&positions, dtype)?;
+        Ok((cos, sin, mask))
     }
 
     /// (..., hidden) → (..., vocab).

@@ -2,6 +2,7 @@
 //! its tokenizer, and our own LLaMA forward pass.
 
 pub mod attention;
+pub mod backprop;
 pub mod config;
 pub mod dtype;
 pub mod gguf;

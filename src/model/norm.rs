@@ -21,6 +21,10 @@ impl RmsNorm {
         &self.weight
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// `x`: (..., hidden) → same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fused::applies_to(x) && fused::applies_to(&self.weight) {

@@ -97,10 +97,7 @@ pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     // The custom op has f32 CPU kernels only; elsewhere candle's matmul is used (and
     // computes the unused dW, as before).
     let out = if x.device().is_cpu() {
-        x2.apply_op1(FrozenMatmulT {
-            w: w.clone(),
-            dims: (out_dim, in_dim),
-        })?
+        x2.apply_op1(FrozenMatmulT::new(w)?)?
     } else {
         x2.matmul(&w.tensor.t()?)?
     };
@@ -109,10 +106,22 @@ pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     Ok(out.reshape(out_dims)?)
 }
 
-struct FrozenMatmulT {
+/// The op of [`frozen_matmul_t`] on a 2-D input (rows, in): applied with candle's
+/// `apply_op1` or `apply_op1_no_bwd` and its backward pass called by hand
+/// (`model::backprop`).
+pub(crate) struct FrozenMatmulT {
     w: FrozenWeight,
     /// (out, in)
     dims: (usize, usize),
+}
+
+impl FrozenMatmulT {
+    pub(crate) fn new(w: &FrozenWeight) -> Result<Self> {
+        Ok(Self {
+            w: w.clone(),
+            dims: w.tensor.dims2()?,
+        })
+    }
 }
 
 impl CustomOp1 for FrozenMatmulT {
@@ -152,6 +161,14 @@ impl CustomOp1 for FrozenMatmulT {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.vjp(x, grad_y)
+    }
+}
+
+impl FrozenMatmulT {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(&self, x: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if grad_y.dtype() != DType::F32 || self.w.tensor.dtype() != DType::F32 {
             // (rows, out) · (out, in) → (rows, in)
             return Ok(Some(grad_y.matmul(&self.w.tensor)?));

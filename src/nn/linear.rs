@@ -60,6 +60,11 @@ impl Linear {
         self.weight.tensor()
     }
 
+    /// The frozen weight with its packed bf16 copies, if any.
+    pub fn frozen_weight(&self) -> &FrozenWeight {
+        &self.weight
+    }
+
     /// Replaces the weight (its products go back to f32).
     pub fn set_weight(&mut self, weight: Tensor) {
         self.weight = FrozenWeight::new(weight);

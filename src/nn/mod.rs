@@ -15,6 +15,7 @@ pub mod linear;
 pub mod lora;
 pub mod mode;
 pub mod prefix;
+pub mod tape;
 
 pub use adapter::Adapter;
 pub use bottleneck::{BottleneckAdapter, NonLinearity, Placement};

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod checkpoint_eval;
+pub mod gradients;
 pub mod log;
 pub mod objective;
 pub mod optim;
@@ -15,6 +16,7 @@ pub mod trainer;
 
 pub use batch::Batch;
 pub use checkpoint_eval::{CheckpointEval, EvalPoint};
+pub use gradients::Backward;
 pub use log::{LogLine, StepNumbers};
 pub use objective::{Distill, Loss, Objective};
 pub use spec::{FinetuneSpec, ObjectiveKind, PRE_PRUNE};

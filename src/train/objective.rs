@@ -70,12 +70,20 @@ impl Objective {
 
     /// The loss of `batch` with the model run in `mode`.
     pub fn loss(&self, model: &Llama, batch: &Batch, mode: Mode) -> Result<Loss> {
-        let hidden = predicting_hidden(model, batch, mode)?;
+        let hidden = model.forward_hidden(&batch.ids, Some(&batch.mask), None, mode)?;
+        self.loss_at(model, &predicting(&hidden)?, batch)
+    }
+
+    /// The loss of `batch` for the student's final hidden states at the positions that
+    /// predict a next token, `hidden` (b, t − 1, h) (see [`predicting`]): the half of
+    /// [`Objective::loss`] after the model's layers, which an explicit backward pass
+    /// differentiates with candle's autograd.
+    pub fn loss_at(&self, model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<Loss> {
         let (mean, target_tokens) = match self {
             Objective::NextToken => {
-                masked_mean_nll_from_hidden(model, &hidden, &batch.targets, &batch.target_mask)?
+                masked_mean_nll_from_hidden(model, hidden, &batch.targets, &batch.target_mask)?
             }
-            Objective::Distill(d) => d.loss(model, &hidden, batch)?,
+            Objective::Distill(d) => d.loss(model, hidden, batch)?,
         };
         Ok(Loss {
             mean,
@@ -86,7 +94,10 @@ impl Objective {
 
 impl Distill {
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
-        let teacher_hidden = predicting_hidden(&self.teacher, batch, Mode::Eval)?.detach();
+        let teacher_hidden =
+            self.teacher
+                .forward_hidden(&batch.ids, Some(&batch.mask), None, Mode::Eval)?;
+        let teacher_hidden = predicting(&teacher_hidden)?.detach();
         let (kd, count) = masked_mean_kl_from_hidden(
             model,
             hidden,
@@ -108,11 +119,9 @@ impl Distill {
     }
 }
 
-/// The final hidden states at the positions that predict the next token (all but the
-/// last), (b, t − 1, h).
-fn predicting_hidden(model: &Llama, batch: &Batch, mode: Mode) -> Result<Tensor> {
-    let width = batch.ids.dim(1)?;
-    Ok(model
-        .forward_hidden(&batch.ids, Some(&batch.mask), None, mode)?
-        .narrow(1, 0, width - 1)?)
+/// Of final hidden states (b, t, h), those at the positions that predict the next token
+/// (all but the last), (b, t − 1, h).
+pub fn predicting(hidden: &Tensor) -> Result<Tensor> {
+    let width = hidden.dim(1)?;
+    Ok(hidden.narrow(1, 0, width - 1)?)
 }

@@ -4,6 +4,7 @@
 
 use super::batch::{Batch, EpochOrder};
 use super::checkpoint;
+use super::gradients::{micro_step, Backward};
 use super::objective::Objective;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::spec::FinetuneSpec;
@@ -37,7 +38,7 @@ pub struct StepStats {
     pub tokens: u64,
     /// Wall time of the step.
     pub seconds: f64,
-    /// Of which: forward passes and losses; `loss.backward()` calls; the rest (gradient
+    /// Of which: forward passes and losses; backward passes; the rest (gradient
     /// accumulation and collection, norm, clipping, the AdamW update).
     pub forward_s: f64,
     pub backward_s: f64,
@@ -61,6 +62,8 @@ pub struct Trainer<'a> {
     resumed_from: Option<usize>,
     /// `RUN/checkpoints`; none for a trainer of in-memory examples.
     checkpoints: Option<PathBuf>,
+    /// The gradients' engine (see [`Trainer::set_backward`]).
+    backward: Backward,
 }
 
 impl<'a> Trainer<'a> {
@@ -138,7 +141,15 @@ impl<'a> Trainer<'a> {
             steps_done: 0,
             resumed_from: None,
             checkpoints: None,
+            backward: Backward::default(),
         })
+    }
+
+    /// Which engine computes the gradients: the explicit backward pass where it applies
+    /// (the default), or candle's autograd (`recover bench train --backward autograd`,
+    /// and the tests that compare the two).
+    pub fn set_backward(&mut self, backward: Backward) {
+        self.backward = backward;
     }
 
     /// [`Trainer::new`], then adapters, optimizer moments and step as the newest
@@ -216,18 +227,22 @@ impl<'a> Trainer<'a> {
         let (mut loss_sum, mut tokens) = (0f64, 0u64);
         let (mut forward_s, mut backward_s) = (0f64, 0f64);
         for (m, micro) in micro_batches.iter().enumerate() {
-            let t_micro = Instant::now();
             let mode = Mode::train(self.seed ^ ((step * accumulation + m) as u64) << 16);
-            let loss = self.objective.loss(self.model, micro, mode)?.mean;
+            let micro_step = micro_step(
+                &self.objective,
+                self.model,
+                micro,
+                mode,
+                accumulation,
+                &self.vars,
+                self.backward,
+            )?;
             tokens += micro.real_tokens;
-            let loss = (loss / accumulation as f64)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let t_forward = Instant::now();
-            forward_s += (t_forward - t_micro).as_secs_f64();
-            let g = loss.backward()?;
-            backward_s += t_forward.elapsed().as_secs_f64();
+            loss_sum += micro_step.loss;
+            forward_s += micro_step.forward_s;
+            backward_s += micro_step.backward_s;
             for (slot, (_, var)) in grads.iter_mut().zip(&self.vars) {
-                if let Some(gv) = g.get(var.as_tensor()) {
+                if let Some(gv) = micro_step.grads.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {
                         Some(acc) => (acc + gv)?,
                         None => gv.clone(),

@@ -2,6 +2,7 @@
 //! were), sharing `common`. One binary links candle once instead of once per area.
 
 mod adapters;
+mod backprop;
 mod baselines;
 mod checkpoint_eval;
 mod cli_pipeline;

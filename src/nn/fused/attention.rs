@@ -23,35 +23,7 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, heads, t, hd) = q.dims4()?;
-    let (kb, kv_heads, tk, khd) = k.dims4()?;
-    if kb != b || khd != hd || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 {
-        bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit together",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if let Some(m) = mask {
-        if m.dims() != [b, 1, t, tk] {
-            bail!(
-                "attention: mask {:?}, expected [{b}, 1, {t}, {tk}]",
-                m.dims()
-            );
-        }
-    }
-    let op = AttentionOp {
-        dims: Dims {
-            heads,
-            kv_heads,
-            t,
-            tk,
-            hd,
-        },
-        mask: mask.map(Tensor::contiguous).transpose()?,
-        scale: scale as f32,
-    };
+    let op = AttentionOp::new(q, k, v, mask, scale)?;
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -73,7 +45,9 @@ impl Dims {
     }
 }
 
-struct AttentionOp {
+/// The op of [`attention`] (contiguous inputs): applied with candle's `apply_op3` or
+/// `apply_op3_no_bwd` and its backward pass called by hand (`model::backprop`).
+pub(crate) struct AttentionOp {
     dims: Dims,
     mask: Option<Tensor>,
     scale: f32,
@@ -91,6 +65,45 @@ struct Group<'a> {
 }
 
 impl AttentionOp {
+    /// The op for `q`, `k`, `v` and `mask` as [`attention`] takes them.
+    pub(crate) fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Self> {
+        let (b, heads, t, hd) = q.dims4()?;
+        let (kb, kv_heads, tk, khd) = k.dims4()?;
+        if kb != b || khd != hd || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit together",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if let Some(m) = mask {
+            if m.dims() != [b, 1, t, tk] {
+                bail!(
+                    "attention: mask {:?}, expected [{b}, 1, {t}, {tk}]",
+                    m.dims()
+                );
+            }
+        }
+        Ok(Self {
+            dims: Dims {
+                heads,
+                kv_heads,
+                t,
+                tk,
+                hd,
+            },
+            mask: mask.map(Tensor::contiguous).transpose()?,
+            scale: scale as f32,
+        })
+    }
+
     /// The inputs of group `i` = batch row · kv_heads + kv head.
     fn group<'a>(
         &self,
@@ -215,6 +228,20 @@ impl CustomOp3 for AttentionOp {
         k: &Tensor,
         v: &Tensor,
         _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.vjp(q, k, v, grad_out)
+    }
+}
+
+impl AttentionOp {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = self.name();

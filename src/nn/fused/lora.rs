@@ -27,22 +27,8 @@ pub fn lora_linear(
     let dims = x.dims();
     let in_dim = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / in_dim.max(1);
-    let (out_dim, w_in) = weight.tensor().dims2()?;
-    let (rank, a_in) = a.dims2()?;
-    if w_in != in_dim || a_in != in_dim || b.dims() != [out_dim, rank] {
-        bail!(
-            "lora: input (..., {in_dim}), weight {:?}, A {:?}, B {:?} do not fit together",
-            weight.tensor().dims(),
-            a.dims(),
-            b.dims()
-        );
-    }
-    let op = LoraOp {
-        weight: weight.clone(),
-        shape: (rows, in_dim, out_dim, rank),
-        scale: scale as f32,
-        dropout,
-    };
+    let op = LoraOp::new(rows, in_dim, weight, a, b, scale, dropout)?;
+    let out_dim = op.shape.2;
     let y = x.reshape((rows, in_dim))?.contiguous()?.apply_op3(
         &a.contiguous()?,
         &b.contiguous()?,
@@ -55,7 +41,10 @@ pub fn lora_linear(
     y.reshape(out_dims)
 }
 
-struct LoraOp {
+/// The op of [`lora_linear`] on a 2-D input (rows, in): applied with candle's
+/// `apply_op3` (recorded for autograd) or `apply_op3_no_bwd` and its backward pass
+/// called by hand (`model::backprop`).
+pub(crate) struct LoraOp {
     /// (out, in), frozen.
     weight: FrozenWeight,
     /// (rows, in, out, r)
@@ -65,6 +54,35 @@ struct LoraOp {
 }
 
 impl LoraOp {
+    /// The op for an input of `rows` × `in_dim`, `weight` (out, in), `a` (r, in), `b`
+    /// (out, r).
+    pub(crate) fn new(
+        rows: usize,
+        in_dim: usize,
+        weight: &FrozenWeight,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout: Option<DropoutMask>,
+    ) -> Result<Self> {
+        let (out_dim, w_in) = weight.tensor().dims2()?;
+        let (rank, a_in) = a.dims2()?;
+        if w_in != in_dim || a_in != in_dim || b.dims() != [out_dim, rank] {
+            bail!(
+                "lora: input (..., {in_dim}), weight {:?}, A {:?}, B {:?} do not fit together",
+                weight.tensor().dims(),
+                a.dims(),
+                b.dims()
+            );
+        }
+        Ok(Self {
+            weight: weight.clone(),
+            shape: (rows, in_dim, out_dim, rank),
+            scale: scale as f32,
+            dropout,
+        })
+    }
+
     /// The update's input: `x` itself, or `x` with the dropout mask applied.
     fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
         match &self.dropout {
@@ -134,6 +152,20 @@ impl CustomOp3 for LoraOp {
         a: &Tensor,
         b: &Tensor,
         _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.vjp(x, a, b, grad_y)
+    }
+}
+
+impl LoraOp {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (rows, in_dim, out_dim, rank) = self.shape;

@@ -14,19 +14,27 @@ const ROWS_PER_TASK: usize = 64;
 
 /// `x`: (..., hidden), `weight`: (hidden,), f32 on the CPU → the shape of `x`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let hidden = x.dim(candle_core::D::Minus1)?;
-    if weight.dims() != [hidden] {
-        bail!(
-            "rms_norm: weight {:?} for inputs (..., {hidden})",
-            weight.dims()
-        );
-    }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, RmsNormOp { eps: eps as f32 })
+    let op = RmsNormOp::new(x, weight, eps)?;
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
-struct RmsNormOp {
+/// The op of [`rms_norm`] (contiguous inputs): applied with candle's `apply_op2` or
+/// `apply_op2_no_bwd` and its backward pass called by hand (`model::backprop`).
+pub(crate) struct RmsNormOp {
     eps: f32,
+}
+
+impl RmsNormOp {
+    pub(crate) fn new(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Self> {
+        let hidden = x.dim(candle_core::D::Minus1)?;
+        if weight.dims() != [hidden] {
+            bail!(
+                "rms_norm: weight {:?} for inputs (..., {hidden})",
+                weight.dims()
+            );
+        }
+        Ok(Self { eps: eps as f32 })
+    }
 }
 
 /// 1/sqrt(mean(x²) + eps) of one row.
@@ -63,6 +71,19 @@ impl CustomOp2 for RmsNormOp {
         x: &Tensor,
         weight: &Tensor,
         _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.vjp(x, weight, grad_y)
+    }
+}
+
+impl RmsNormOp {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = self.name();

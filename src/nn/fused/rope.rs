@@ -8,23 +8,32 @@ use rayon::prelude::*;
 
 /// `x`: (b, heads, t, head_dim) f32 on the CPU; `cos`/`sin`: (b, 1, t, head_dim).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _, t, hd) = x.dims4()?;
-    if cos.dims() != [b, 1, t, hd] || sin.dims() != cos.dims() {
-        bail!(
-            "rope: cos/sin have shapes {:?}/{:?}, expected [{b}, 1, {t}, {hd}]",
-            cos.dims(),
-            sin.dims()
-        );
-    }
-    x.contiguous()?.apply_op1(RopeOp {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-    })
+    let op = RopeOp::new(x, cos, sin)?;
+    x.contiguous()?.apply_op1(op)
 }
 
-struct RopeOp {
+/// The op of [`rope`] (contiguous input): applied with candle's `apply_op1` or
+/// `apply_op1_no_bwd` and its backward pass called by hand (`model::backprop`).
+pub(crate) struct RopeOp {
     cos: Tensor,
     sin: Tensor,
+}
+
+impl RopeOp {
+    pub(crate) fn new(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (b, _, t, hd) = x.dims4()?;
+        if cos.dims() != [b, 1, t, hd] || sin.dims() != cos.dims() {
+            bail!(
+                "rope: cos/sin have shapes {:?}/{:?}, expected [{b}, 1, {t}, {hd}]",
+                cos.dims(),
+                sin.dims()
+            );
+        }
+        Ok(Self {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -83,6 +92,14 @@ impl CustomOp1 for RopeOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        self.vjp(x, grad_y)
+    }
+}
+
+impl RopeOp {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(&self, x: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32(grad_y, self.name(), |dy| {
             self.rotate(dy, x.shape(), Direction::Backward)
         })?;

@@ -12,17 +12,26 @@ const CHUNK: usize = 16 * 1024;
 
 /// `gate`, `up`: the same shape, f32 on the CPU → `silu(gate) · up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.shape() != up.shape() {
-        bail!(
-            "swiglu: gate {:?} and up {:?} differ in shape",
-            gate.dims(),
-            up.dims()
-        );
-    }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwigluOp)
+    let op = SwigluOp::new(gate, up)?;
+    gate.contiguous()?.apply_op2(&up.contiguous()?, op)
 }
 
-struct SwigluOp;
+/// The op of [`swiglu`] (contiguous inputs): applied with candle's `apply_op2` or
+/// `apply_op2_no_bwd` and its backward pass called by hand (`model::backprop`).
+pub(crate) struct SwigluOp;
+
+impl SwigluOp {
+    pub(crate) fn new(gate: &Tensor, up: &Tensor) -> Result<Self> {
+        if gate.shape() != up.shape() {
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ in shape",
+                gate.dims(),
+                up.dims()
+            );
+        }
+        Ok(Self)
+    }
+}
 
 #[multiversion(targets = "simd")]
 fn forward_chunk(g: &[f32], u: &[f32], y: &mut [f32]) {
@@ -72,6 +81,19 @@ impl CustomOp2 for SwigluOp {
         gate: &Tensor,
         up: &Tensor,
         _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.vjp(gate, up, grad_y)
+    }
+}
+
+impl SwigluOp {
+    /// The vector–Jacobian product: the inputs' gradients for the output's gradient `grad_y`
+    /// (what candle's backward pass asks of the op; `model::backprop` calls it directly).
+    pub(crate) fn vjp(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_f32(gate, self.name(), |g| {

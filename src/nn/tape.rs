@@ -1,0 +1,173 @@
+//! A projection run outside candle's autograd graph: its forward pass returns the output
+//! and a [`ProjectionTape`] (what its backward pass needs), and [`ProjectionTape::backward`]
+//! turns the output's gradient into the input's, recording the adapter's own gradients in
+//! [`Gradients`]. `model::backprop` builds a whole layer's backward pass from these.
+//!
+//! LoRA and RoRA (f32 on the CPU) and adapter-less projections use the fused ops'
+//! hand-written backward passes directly. Every other adapter (DoRA, bottleneck, or
+//! tensors the fused ops do not take) is recorded by candle for this one projection: its
+//! input is a fresh [`Var`] and the backward pass differentiates `Σ y ⊙ dy`, whose gradient
+//! is exactly the vector–Jacobian product wanted.
+
+use super::dropout;
+use super::frozen::FrozenMatmulT;
+use super::fused::{self, lora::LoraOp};
+use super::{Adapter, Linear, Mode};
+use anyhow::{Context, Result};
+use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashMap;
+
+/// Gradients of trainable tensors, by tensor id: from candle's `backward` or filled in by
+/// hand, read the same way.
+#[derive(Default)]
+pub struct Gradients(HashMap<TensorId, Tensor>);
+
+impl Gradients {
+    /// The gradient of `t`, if it got one.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+
+    /// Records `grad` for `var`, adding it to what `var` already has.
+    pub fn add(&mut self, var: &Var, grad: Tensor) -> Result<()> {
+        let id = var.as_tensor().id();
+        let sum = match self.0.remove(&id) {
+            Some(before) => (before + grad)?,
+            None => grad,
+        };
+        self.0.insert(id, sum);
+        Ok(())
+    }
+
+    /// The gradients candle's autograd computed for `vars` (the others are dropped).
+    pub fn from_store<'a>(
+        store: &candle_core::backprop::GradStore,
+        vars: impl IntoIterator<Item = &'a Var>,
+    ) -> Self {
+        Self(
+            vars.into_iter()
+                .filter_map(|v| Some((v.as_tensor().id(), store.get(v.as_tensor())?.clone())))
+                .collect(),
+        )
+    }
+}
+
+/// What one projection's backward pass needs.
+pub struct ProjectionTape(Saved);
+
+enum Saved {
+    /// No adapter: `dx = dy W`.
+    Frozen { op: FrozenMatmulT, x: Tensor },
+    /// LoRA / RoRA through the fused op and its own backward pass.
+    Lora {
+        op: LoraOp,
+        x: Tensor,
+        a: Var,
+        b: Var,
+    },
+    /// Any other adapter: its forward pass as candle recorded it from `input`.
+    Recorded {
+        input: Var,
+        output: Tensor,
+        vars: Vec<Var>,
+    },
+}
+
+/// `x` (rows, in) through `linear` in `mode` → (rows, out) with no graph attached, and its
+/// tape. The same values as [`Linear::forward`] (which the tests check); input statistics
+/// for pruning are not recorded here.
+pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, ProjectionTape)> {
+    let weight = linear.frozen_weight();
+    let (rows, in_dim) = x.dims2()?;
+    let fused_lora = match linear.adapter() {
+        Some(Adapter::Lora(l))
+            if [x, weight.tensor(), l.a.as_tensor(), l.b.as_tensor()]
+                .into_iter()
+                .all(fused::applies_to) =>
+        {
+            Some(l)
+        }
+        _ => None,
+    };
+    let x = x.contiguous()?;
+    match (linear.adapter(), fused_lora) {
+        (None, _) if fused::applies_to(&x) => {
+            let op = FrozenMatmulT::new(weight)?;
+            let y = x.apply_op1_no_bwd(&op)?;
+            Ok((y, ProjectionTape(Saved::Frozen { op, x })))
+        }
+        (_, Some(l)) => {
+            let mask = dropout::mask(mode, l.dropout, l.id);
+            let op = LoraOp::new(
+                rows,
+                in_dim,
+                weight,
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                mask,
+            )?;
+            let y = x.apply_op3_no_bwd(l.a.as_tensor(), l.b.as_tensor(), &op)?;
+            let tape = ProjectionTape(Saved::Lora {
+                op,
+                x,
+                a: l.a.clone(),
+                b: l.b.clone(),
+            });
+            Ok((y, tape))
+        }
+        (adapter, None) => {
+            let input = Var::from_tensor(&x)?;
+            let output = linear.forward(input.as_tensor(), mode)?;
+            let vars = adapter
+                .map(|a| a.vars().into_iter().map(|(_, v)| v.clone()).collect())
+                .unwrap_or_default();
+            Ok((
+                output.detach(),
+                ProjectionTape(Saved::Recorded {
+                    input,
+                    output,
+                    vars,
+                }),
+            ))
+        }
+    }
+}
+
+impl ProjectionTape {
+    /// The input's gradient (rows, in) for the output's `dy` (rows, out); the adapter's
+    /// gradients go into `grads`.
+    pub fn backward(&self, dy: &Tensor, grads: &mut Gradients) -> Result<Tensor> {
+        match &self.0 {
+            Saved::Frozen { op, x } => op.vjp(x, dy)?.context("frozen product: no input gradient"),
+            Saved::Lora { op, x, a, b } => {
+                let (dx, da, db) = op.vjp(x, a.as_tensor(), b.as_tensor(), dy)?;
+                if let Some(da) = da {
+                    grads.add(a, da)?;
+                }
+                if let Some(db) = db {
+                    grads.add(b, db)?;
+                }
+                dx.context("lora: no input gradient")
+            }
+            Saved::Recorded {
+                input,
+                output,
+                vars,
+            } => {
+                let store = (output * dy.to_dtype(output.dtype())?)?
+                    .sum_all()?
+                    .backward()?;
+                for var in vars {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        grads.add(var, g.clone())?;
+                    }
+                }
+                Ok(store
+                    .get(input.as_tensor())
+                    .context("adapter: no input gradient")?
+                    .clone())
+            }
+        }
+    }
+}
