@@ -94,6 +94,10 @@ pub struct BenchTrainArgs {
     /// `finetune` runs) or `autograd` (candle's, the reference).
     #[arg(long, value_enum, default_value_t = Backward::Auto)]
     pub backward: Backward,
+    /// Recompute each layer's activations in the backward pass
+    /// (`finetune.activation_checkpointing`).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -115,6 +119,7 @@ impl BenchTrainArgs {
             objective: self.objective,
             dropout: self.dropout,
             backward: self.backward,
+            activation_checkpointing: self.activation_checkpointing,
             ..base
         }
     }

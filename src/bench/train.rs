@@ -47,6 +47,8 @@ pub struct TrainBenchSpec {
     pub objective: ObjectiveKind,
     /// The gradients' engine: the explicit backward pass (`auto`) or candle's autograd.
     pub backward: Backward,
+    /// Recompute each layer's activations in the backward pass.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainBenchSpec {
@@ -76,6 +78,7 @@ impl Default for TrainBenchSpec {
             matmul_precision: MatmulPrecision::F32,
             objective: ObjectiveKind::Lm,
             backward: Backward::Auto,
+            activation_checkpointing: false,
         }
     }
 }
@@ -132,7 +135,7 @@ impl TrainBenchReport {
         out.push_str(&format!(
             "shape: {}; batch {} × {} tokens; \
              f32, frozen products {}; LoRA r={} alpha={} dropout={} on all 7 projections; \
-             AdamW lr {:e}; backward {:?}; {} threads\n\n",
+             AdamW lr {:e}; backward {:?}{}; {} threads\n\n",
             s.describe_shape(),
             s.batch,
             s.seq_len,
@@ -142,6 +145,11 @@ impl TrainBenchReport {
             s.dropout,
             s.learning_rate,
             s.backward,
+            if s.activation_checkpointing {
+                ", activation checkpointing"
+            } else {
+                ""
+            },
             self.threads
         ));
         out.push_str("| metric | value |\n|---|---|\n");
@@ -251,6 +259,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         lr_scheduler: LrSchedule::Constant,
         max_grad_norm: spec.max_grad_norm,
         max_steps: Some(spec.warmup + spec.steps),
+        activation_checkpointing: spec.activation_checkpointing,
         ..FinetuneSpec::default()
     };
     let teacher = if spec.objective.distills() {

@@ -41,12 +41,19 @@ pub fn applies_to(model: &Llama) -> bool {
 
 /// What the backward pass of one forward pass needs.
 pub struct Tape {
-    /// (b, t)
-    dims: (usize, usize),
-    layers: Vec<LayerTape>,
+    inputs: Inputs,
+    mode: Mode,
+    layers: Vec<Layer>,
     /// The final norm's input (b·t, hidden).
     last: Tensor,
     norm: RmsNormOp,
+}
+
+/// A layer's part of the tape: everything, or (activation checkpointing) only its input,
+/// the rest recomputed by the backward pass.
+enum Layer {
+    Saved(Box<LayerTape>),
+    Recompute(Tensor),
 }
 
 /// One decoder layer's saved activations. Hidden states are (b·t, hidden); heads
@@ -88,11 +95,17 @@ struct Inputs {
 
 /// Final hidden states (b, t, hidden) for `ids` (b, t) with `attention_mask` (b, t), as
 /// [`Llama::forward_hidden`] computes them without a cache, and the tape of the pass.
+///
+/// With `checkpointing`, the tape keeps each layer's input only and the backward pass
+/// runs the layer's forward pass again (the same ops on the same data and dropout
+/// masks: the same values): memory for one layer's activations instead of all of them,
+/// for a second forward pass of the layers.
 pub fn forward(
     model: &Llama,
     ids: &Tensor,
     attention_mask: Option<&Tensor>,
     mode: Mode,
+    checkpointing: bool,
 ) -> Result<(Tensor, Tape)> {
     let (b, t) = ids.dims2()?;
     let hidden = model.config.hidden_size;
@@ -107,14 +120,21 @@ pub fn forward(
     let mut x = model.embed(ids)?.reshape((b * t, hidden))?;
     let mut layers = Vec::with_capacity(model.layers.len());
     for layer in &model.layers {
-        let (next, tape) = layer_forward(layer, x, &inputs, mode)?;
-        layers.push(tape);
-        x = next;
+        if checkpointing {
+            let (next, _) = layer_forward(layer, x.clone(), &inputs, mode)?;
+            layers.push(Layer::Recompute(x));
+            x = next;
+        } else {
+            let (next, tape) = layer_forward(layer, x, &inputs, mode)?;
+            layers.push(Layer::Saved(Box::new(tape)));
+            x = next;
+        }
     }
     let norm = RmsNormOp::new(&x, model.norm.weight(), model.norm.eps())?;
     let out = x.apply_op2_no_bwd(model.norm.weight(), &norm)?;
     let tape = Tape {
-        dims: (b, t),
+        inputs,
+        mode,
         layers,
         last: x,
         norm,
@@ -125,7 +145,7 @@ pub fn forward(
 /// The adapters' gradients for the gradient `d_hidden` (b, t, hidden) of the final hidden
 /// states [`forward`] returned.
 pub fn backward(model: &Llama, tape: Tape, d_hidden: &Tensor) -> Result<Gradients> {
-    let (b, t) = tape.dims;
+    let (b, t) = (tape.inputs.b, tape.inputs.t);
     let mut grads = Gradients::default();
     let d_hidden = d_hidden.reshape((b * t, model.config.hidden_size))?;
     let mut dx = tape
@@ -133,7 +153,11 @@ pub fn backward(model: &Llama, tape: Tape, d_hidden: &Tensor) -> Result<Gradient
         .vjp(&tape.last, model.norm.weight(), &d_hidden)?
         .0
         .context("final norm: no input gradient")?;
-    for (layer, saved) in model.layers.iter().zip(tape.layers).rev() {
+    for (layer, part) in model.layers.iter().zip(tape.layers).rev() {
+        let saved = match part {
+            Layer::Saved(saved) => *saved,
+            Layer::Recompute(x) => layer_forward(layer, x, &tape.inputs, tape.mode)?.1,
+        };
         dx = layer_backward(layer, saved, &dx, (b, t), &mut grads)?;
     }
     Ok(grads)

@@ -273,6 +273,16 @@ impl PipelineSpec {
                     if !attached {
                         bail!("stages[{i}]: `finetune` trains adapters; put an `attach` stage before it");
                     }
+                    let explicit_backward = self.dtype == DtypeName::F32
+                        && self.device == DeviceKind::Cpu
+                        && method != Some(crate::adapters::Method::Prefix);
+                    if f.activation_checkpointing && !explicit_backward {
+                        bail!(
+                            "stages[{i}].finetune.activation_checkpointing needs the explicit \
+                             backward pass: `dtype: f32`, `device: cpu` and an adapter other than \
+                             prefix tuning; turn it off or change those"
+                        );
+                    }
                     if f.objective.distills()
                         && f.teacher.as_deref().is_none_or(|t| t == PRE_PRUNE)
                         && !pruned

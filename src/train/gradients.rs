@@ -9,7 +9,7 @@ use super::objective::{predicting, Objective};
 use crate::model::{backprop, Llama};
 use crate::nn::tape::Gradients;
 use crate::nn::Mode;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::time::Instant;
 
@@ -34,6 +34,30 @@ pub struct MicroStep {
     pub backward_s: f64,
 }
 
+/// How a micro-step computes its gradients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackwardSettings {
+    pub engine: Backward,
+    /// Recompute each layer's activations in the backward pass (explicit engine only).
+    pub activation_checkpointing: bool,
+}
+
+impl BackwardSettings {
+    /// Whether these settings can train `model`; an error says why not.
+    pub fn check(&self, model: &Llama) -> Result<()> {
+        if self.activation_checkpointing
+            && (self.engine == Backward::Autograd || !backprop::applies_to(model))
+        {
+            bail!(
+                "finetune.activation_checkpointing needs the explicit backward pass: f32 \
+                 weights on the CPU and no prefix tuning (set dtype: f32, or turn \
+                 activation_checkpointing off)"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The loss of `batch` (its mean over target tokens, divided by `accumulation`) and the
 /// gradients of `vars`, the model run in `mode`.
 pub fn micro_step(
@@ -43,10 +67,11 @@ pub fn micro_step(
     mode: Mode,
     accumulation: usize,
     vars: &[(String, Var)],
-    engine: Backward,
+    settings: BackwardSettings,
 ) -> Result<MicroStep> {
+    settings.check(model)?;
     let t0 = Instant::now();
-    if engine == Backward::Autograd || !backprop::applies_to(model) {
+    if settings.engine == Backward::Autograd || !backprop::applies_to(model) {
         let loss = (objective.loss(model, batch, mode)?.mean / accumulation as f64)?;
         let value = loss.to_scalar::<f32>()? as f64;
         let t1 = Instant::now();
@@ -60,7 +85,13 @@ pub fn micro_step(
     }
     // The layers by hand; the loss after them (head, log-softmax, KL) by autograd on a
     // small graph rooted at the predicting positions' hidden states.
-    let (hidden, tape) = backprop::forward(model, &batch.ids, Some(&batch.mask), mode)?;
+    let (hidden, tape) = backprop::forward(
+        model,
+        &batch.ids,
+        Some(&batch.mask),
+        mode,
+        settings.activation_checkpointing,
+    )?;
     let predicting = Var::from_tensor(&predicting(&hidden)?)?;
     let loss = (objective
         .loss_at(model, predicting.as_tensor(), batch)?

@@ -60,6 +60,11 @@ pub struct FinetuneSpec {
     /// bf16 autocast rounds them; adapters, attention and the optimizer stay f32). A CPU
     /// without AMX trains in f32 and says so.
     pub matmul_precision: MatmulPrecision,
+    /// Keep only each layer's input from the forward pass and run the layer again in the
+    /// backward pass: activation memory of one layer instead of all, for one more forward
+    /// pass of the layers. Needs the explicit backward pass (f32 on the CPU, no prefix
+    /// tuning).
+    pub activation_checkpointing: bool,
     /// What training minimises: `lm` (next-token cross entropy), `kd` (distillation from
     /// `teacher` alone) or `kd+lm` (`(1 − kd_ratio)·CE + kd_ratio·KD`, torchtune's).
     pub objective: ObjectiveKind,
@@ -138,6 +143,7 @@ impl Default for FinetuneSpec {
             checkpoint_eval: None,
             stop_after: None,
             matmul_precision: MatmulPrecision::default(),
+            activation_checkpointing: false,
             objective: ObjectiveKind::default(),
             kd_ratio: 0.5,
             kd_temperature: 1.0,

@@ -4,7 +4,7 @@
 
 use super::batch::{Batch, EpochOrder};
 use super::checkpoint;
-use super::gradients::{micro_step, Backward};
+use super::gradients::{micro_step, Backward, BackwardSettings};
 use super::objective::Objective;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::spec::FinetuneSpec;
@@ -127,6 +127,11 @@ impl<'a> Trainer<'a> {
             ..Default::default()
         };
         let opt = AdamW::new(vars.clone(), adamw)?;
+        BackwardSettings {
+            activation_checkpointing: spec.activation_checkpointing,
+            ..Default::default()
+        }
+        .check(model)?;
         Ok(Self {
             model,
             spec: spec.clone(),
@@ -235,7 +240,10 @@ impl<'a> Trainer<'a> {
                 mode,
                 accumulation,
                 &self.vars,
-                self.backward,
+                BackwardSettings {
+                    engine: self.backward,
+                    activation_checkpointing: self.spec.activation_checkpointing,
+                },
             )?;
             tokens += micro.real_tokens;
             loss_sum += micro_step.loss;

@@ -18,7 +18,7 @@ use rora::adapters::{self, Method};
 use rora::data::Example;
 use rora::model::{backprop, safetensors_dir, Llama};
 use rora::nn::Mode;
-use rora::train::gradients::{micro_step, Backward, MicroStep};
+use rora::train::gradients::{micro_step, Backward, BackwardSettings, MicroStep};
 use rora::train::{Batch, FinetuneSpec, Objective, ObjectiveKind};
 
 const ALL: [&str; 7] = [
@@ -51,9 +51,20 @@ fn model_with(method: Method, dropout: f64, targets: &[&str]) -> Llama {
 }
 
 fn step(model: &Llama, objective: &Objective, engine: Backward) -> MicroStep {
+    step_with(
+        model,
+        objective,
+        BackwardSettings {
+            engine,
+            activation_checkpointing: false,
+        },
+    )
+}
+
+fn step_with(model: &Llama, objective: &Objective, settings: BackwardSettings) -> MicroStep {
     let vars = adapters::trainable_vars(model);
     let mode = Mode::train(0xABCD);
-    micro_step(objective, model, &batch(), mode, 2, &vars, engine).unwrap()
+    micro_step(objective, model, &batch(), mode, 2, &vars, settings).unwrap()
 }
 
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -102,7 +113,7 @@ fn final_hidden_states_equal_the_model_forward_pass_bit_for_bit() {
         let model = model_with(Method::Rora, dropout, &ALL);
         let b = batch();
         let mode = Mode::train(77);
-        let (hidden, _) = backprop::forward(&model, &b.ids, Some(&b.mask), mode).unwrap();
+        let (hidden, _) = backprop::forward(&model, &b.ids, Some(&b.mask), mode, false).unwrap();
         let reference = model
             .forward_hidden(&b.ids, Some(&b.mask), None, mode)
             .unwrap();
@@ -182,4 +193,77 @@ fn prefix_tuning_and_other_dtypes_fall_back_to_autograd() {
     let mut bf16 = Llama::from_weights(cfg, &w).unwrap();
     adapters::attach(&mut bf16, &attach_spec(Method::Rora, 4, 8.0, 0.0, &ALL), 3).unwrap();
     assert!(!backprop::applies_to(&bf16));
+}
+
+#[test]
+fn activation_checkpointing_recomputes_the_same_gradients_bit_for_bit() {
+    // Dropout on: the recomputed layers must draw the very same masks.
+    for method in [Method::Rora, Method::Dora] {
+        let model = model_with(method, 0.1, &ALL);
+        let settings = |activation_checkpointing| BackwardSettings {
+            engine: Backward::Auto,
+            activation_checkpointing,
+        };
+        let kept = step_with(&model, &Objective::NextToken, settings(false));
+        let recomputed = step_with(&model, &Objective::NextToken, settings(true));
+        assert_eq!(kept.loss.to_bits(), recomputed.loss.to_bits());
+        for (name, var) in adapters::trainable_vars(&model) {
+            let bits = |m: &MicroStep| -> Vec<u32> {
+                let g = m.grads.get(var.as_tensor()).unwrap();
+                let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            assert!(
+                bits(&kept) == bits(&recomputed),
+                "{method:?}: {name} differs"
+            );
+        }
+    }
+    // Candle's autograd cannot recompute: asking for both is a clear error.
+    let model = model_with(Method::Rora, 0.0, &ALL);
+    let vars = adapters::trainable_vars(&model);
+    let settings = BackwardSettings {
+        engine: Backward::Autograd,
+        activation_checkpointing: true,
+    };
+    let err = micro_step(
+        &Objective::NextToken,
+        &model,
+        &batch(),
+        Mode::Eval,
+        1,
+        &vars,
+        settings,
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        err.to_string().contains("activation_checkpointing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn activation_checkpointing_without_the_explicit_pass_is_refused_before_any_work() {
+    for (setting, attach) in [("dtype: bf16\n", "rora"), ("", "prefix")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, run) = run_yaml(
+            tmp.path(),
+            &format!(
+                "name: t\n{setting}stages:\n  - load:\n      model: {}\n  - attach:\n      method: {attach}\n  \
+                 - finetune:\n      text: [{}/data/stories260K-train.txt]\n      max_steps: 1\n      \
+                 activation_checkpointing: true\n",
+                stories_dir().display(),
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            &[],
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{setting}{attach}: accepted");
+        assert!(
+            err.contains("finetune.activation_checkpointing") && err.contains("dtype: f32"),
+            "{err}"
+        );
+        assert!(!run.exists());
+    }
 }
