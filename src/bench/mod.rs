@@ -10,11 +10,13 @@
 //! small reference shape, or SmolLM2-135M's.
 
 mod eval;
+mod generate;
 mod measure;
 mod shape;
 mod train;
 
 pub use eval::{bench_eval, EvalBenchReport, EvalBenchSpec};
+pub use generate::{bench_generate, GenerateBenchReport, GenerateBenchSpec};
 pub use shape::{BenchModelArgs, BenchShape};
 pub use train::{bench_train, TrainBenchReport, TrainBenchSpec};
 
@@ -41,6 +43,28 @@ pub enum BenchCommand {
     /// once, then every option from its KV cache) on the same random model: 64 questions
     /// of a 96-token prompt and 4 options of 4 tokens, 8 questions per batch.
     Eval(BenchEvalArgs),
+    /// Time greedy decoding (the `generate` protocol's work: batched, left-padded, KV
+    /// cache) on the same random model: 16 prompts of 64 tokens, 32 new tokens each, 8
+    /// prompts per batch.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// Timed passes over the prompts (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Prompts per pass.
+    #[arg(long, default_value_t = 16)]
+    pub prompts: usize,
+    /// New tokens per prompt.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +170,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         BenchCommand::Eval(a) => {
             let report = bench_eval(&a.spec())?;
+            print_report(&report, &report.to_markdown(), a.json)
+        }
+        BenchCommand::Generate(a) => {
+            let spec = GenerateBenchSpec {
+                runs: a.runs,
+                prompts: a.prompts,
+                new_tokens: a.new_tokens,
+                model: a.model.spec(),
+                ..GenerateBenchSpec::default()
+            };
+            let report = bench_generate(&spec)?;
             print_report(&report, &report.to_markdown(), a.json)
         }
     }
