@@ -4,7 +4,7 @@
 The same step on the same shape: LlamaForCausalLM of the `--shape` (`default`: hidden 512,
 6 layers, 8 heads, 8 kv heads, MLP 1376, vocab 1000 or 32000, untied head; `smollm2`:
 SmolLM2-135M's hidden 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied
-head), random init, PEFT LoRA r=8 alpha=16 dropout --dropout (default 0) on all 7 projections, AdamW lr 1e-4
+head), random init, PEFT LoRA r=--rank (8) alpha=2r dropout --dropout (default 0) on all 7 projections, AdamW lr 1e-4
 on the adapters, batch 8 x 128 random token ids, loss on the shifted targets, gradient
 clipping at 1.0 (as rora's finetune and HF's Trainer do). Warm-up steps, then timed steps;
 the median step gives tokens/s.
@@ -14,7 +14,8 @@ Prints one JSON object with the keys of `recover bench train --json` that make s
 trainable_params, ...).
 
     python peft_train.py [--shape default|smollm2|sheared-1.3b|llama-7b] [--steps 10]
-                         [--warmup 2] [--vocab N] [--dropout 0.05]
+                         [--warmup 2] [--vocab N] [--dropout 0.05] [--rank 8]
+                         [--batch 8] [--seq-len 128]
                          [--threads 2] [--bf16]
 """
 
@@ -58,6 +59,9 @@ def main():
     ap.add_argument(
         "--dropout", type=float, default=0.0, help="lora_dropout (default 0, PEFT's default)"
     )
+    ap.add_argument("--rank", type=int, default=8, help="LoRA r (alpha = 2 r)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
     add_model_args(ap)
     args = ap.parse_args()
 
@@ -66,13 +70,13 @@ def main():
     import peft
     from peft import LoraConfig, get_peft_model
 
-    batch, seq = 8, 128
+    batch, seq = args.batch, args.seq_len
     model, cfg, shape = build_llama(args)
     vocab = cfg.vocab_size
     base_params, matmul_params = param_counts(model, cfg)
     lora = LoraConfig(
-        r=8,
-        lora_alpha=16,
+        r=args.rank,
+        lora_alpha=2 * args.rank,
         lora_dropout=args.dropout,
         target_modules=[
             "q_proj",
@@ -126,6 +130,8 @@ def main():
                 "config": shape,
                 "vocab": vocab,
                 "batch": batch,
+                "rank": args.rank,
+                "dropout": args.dropout,
                 "seq_len": seq,
                 "base_params": base_params,
                 "matmul_params": matmul_params,

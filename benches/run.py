@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Regenerates the README's Performance table: rora's benchmarks and their Python peers,
+alternating, several rounds in one sitting, medians and ratios.
+
+Each round runs every cell once, rora and its peer back to back (in alternating order
+from round to round), so that a slow patch of a shared machine hits both sides alike.
+Every run is one JSON line in OUT/results.jsonl (resumable: cells already measured
+`--rounds` times are skipped); OUT/table.md is the summary: per cell the median over
+rounds of each side's tokens/s (or new tokens/s), their ratio, and peak RSS.
+
+    python benches/run.py --out runs/bench [--rounds 5] [--cells default-train,...]
+        [--rora target/release/recover] [--python python3] [--threads 2]
+
+Cells (name: what):
+  {train-SHAPE-dDROPOUT-rRANK}: `recover bench train` vs peers/peft_train.py, f32
+  {generate-SHAPE}: `recover bench generate` vs peers/transformers_generate.py, f32
+bf16 cells are left out on CPUs without AMX (rora's bf16 products need it).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+DEFAULT_CELLS = [
+    "train-default-d0-r8",
+    "train-default-d0.05-r8",
+    "train-default-d0-r128",
+    "train-default-d0.05-r128",
+    "train-smollm2-d0-r8",
+    "train-smollm2-d0.05-r8",
+    "train-smollm2-d0-r128",
+    "generate-default",
+    "generate-smollm2",
+]
+
+
+def commands(cell, args):
+    """(rora argv, peer argv, the JSON key of the throughput) for a cell."""
+    kind, shape, *rest = cell.split("-")
+    if kind == "train":
+        dropout, rank = rest[0][1:], rest[1][1:]
+        steps = ["--steps", "5", "--warmup", "1"] if shape == "default" else ["--steps", "3", "--warmup", "1"]
+        rora = [args.rora, "bench", "train", "--shape", shape, "--dropout", dropout,
+                "--rank", rank, "--json", *steps]
+        peer = [args.python, str(HERE / "peers/peft_train.py"), "--shape", shape,
+                "--dropout", dropout, "--rank", rank, "--threads", str(args.threads), *steps]
+        return rora, peer, "tokens_per_s"
+    if kind == "generate":
+        rora = [args.rora, "bench", "generate", "--shape", shape, "--json"]
+        peer = [args.python, str(HERE / "peers/transformers_generate.py"), "--shape", shape,
+                "--threads", str(args.threads)]
+        return rora, peer, "new_tokens_per_s"
+    sys.exit(f"unknown cell {cell!r}; cells look like {DEFAULT_CELLS[0]} or generate-smollm2")
+
+
+def run_json(argv, threads):
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE / "peers")
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(rows, cells):
+    lines = [
+        "| cell | rora | peer | rora / peer | peak RSS rora / peer (MiB) | rounds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for cell in cells:
+        r = [x for x in rows if x["cell"] == cell]
+        if not r:
+            continue
+        rora = statistics.median(x["rora"] for x in r)
+        peer = statistics.median(x["peer"] for x in r)
+        ratio = statistics.median(x["rora"] / x["peer"] for x in r)
+        mem = lambda k: max(x[k] or 0 for x in r) / 2**20
+        lines.append(
+            f"| {cell} | {rora:,.1f} | {peer:,.1f} | **{ratio:.2f}×** | "
+            f"{mem('rora_rss'):,.0f} / {mem('peer_rss'):,.0f} | {len(r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS))
+    ap.add_argument("--rora", default=str(HERE.parent / "target/release/recover"))
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    args.rora = str(Path(args.rora).resolve())
+    cells = args.cells.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
+    for rnd in range(args.rounds):
+        for cell in cells:
+            if sum(1 for x in rows if x["cell"] == cell) > rnd:
+                continue
+            rora_argv, peer_argv, key = commands(cell, args)
+            order = [("rora", rora_argv), ("peer", peer_argv)]
+            if rnd % 2:
+                order.reverse()
+            got = {}
+            for side, argv in order:
+                got[side] = run_json(argv, args.threads)
+            row = {
+                "cell": cell,
+                "round": rnd,
+                "rora": got["rora"][key],
+                "peer": got["peer"][key],
+                "rora_rss": got["rora"].get("peak_rss_bytes"),
+                "peer_rss": got["peer"].get("peak_rss_bytes"),
+            }
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"round {rnd + 1} {cell}: rora {row['rora']:.1f} peer {row['peer']:.1f}",
+                  flush=True)
+    table = summarize(rows, cells)
+    (args.out / "table.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
