@@ -37,6 +37,12 @@ pub struct Cli {
     #[arg(long, requires = "pipeline", conflicts_with = "resume")]
     pub dry_run: bool,
 
+    /// With --dry-run: measure a training step of the pipeline's shapes on this machine
+    /// (a random model of one and two layers of each layer shape; seconds to a minute for
+    /// 7B-sized layers) and print the time per step and per epoch.
+    #[arg(long, requires = "dry_run")]
+    pub measure: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -267,7 +273,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let spec = pipeline::PipelineSpec::from_file(&file, &cli.set)?;
             let sweep = crate::sweep::SweepSpec::of(&spec, &file)?;
             if cli.dry_run {
-                let mut plan = pipeline::runner::dry_run(&file, &cli.set)?;
+                let mut plan = pipeline::runner::dry_run(&file, &cli.set, cli.measure)?;
                 plan.push_str(&crate::sweep::block_plan(sweep.as_ref(), &file, &cli.set)?);
                 println!("{plan}");
                 return Ok(());

@@ -39,7 +39,7 @@ fn shapes_of(cfg: &LlamaConfig) -> Vec<LayerShape> {
 }
 
 /// The plan as Markdown.
-pub fn plan(spec: &PipelineSpec) -> Result<String> {
+pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -159,26 +159,46 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
         .filter(|a| a.from.is_none())
         .map_or(0, |a| a.trainable_params(h, cfg.head_dim(), &shapes));
     let (b, t) = finetune.map_or((0, 0), |f| (f.micro_batch_size as u64, f.cutoff_len as u64));
-    // Activations kept for the backward pass, per token and layer, in f32 for the
-    // softmax/norms and the weights' dtype elsewhere: ~12·hidden + 4·mlp values, plus the
-    // attention probabilities heads·T; and the logits with their log-softmax and
-    // gradient, 3·vocab per token.
-    let act_per_token: u64 = shapes
-        .iter()
-        .map(|sh| {
-            12 * h as u64 + 4 * sh.intermediate_size as u64 + (sh.num_attention_heads as u64) * t
-        })
-        .sum::<u64>()
-        + 3 * cfg.vocab_size as u64;
+    // Activations the explicit backward pass keeps, per token and layer: the layer input,
+    // both norms' outputs, the rotated queries, the attention output and the residual after
+    // attention (6·hidden), the rotated keys and the values (2·kv width), and the MLP's
+    // gate, up and activation (3·mlp); attention probabilities and dropout masks are
+    // recomputed, not kept. With activation checkpointing only each layer's input is kept,
+    // plus one layer's full set while its backward pass runs. The head's blockwise loss
+    // keeps a gradient row per token (hidden) and never the whole logits.
+    let checkpointing = finetune.is_some_and(|f| f.activation_checkpointing);
+    let layer_values = |sh: &LayerShape| -> u64 {
+        6 * h as u64 + 2 * (sh.num_key_value_heads * hd) as u64 + 3 * sh.intermediate_size as u64
+    };
+    let act_per_token: u64 = if checkpointing {
+        shapes.len() as u64 * h as u64 + shapes.iter().map(layer_values).max().unwrap_or(0)
+    } else {
+        shapes.iter().map(layer_values).sum::<u64>()
+    } + 2 * h as u64;
+    let act_formula = if checkpointing {
+        "micro batch {b} × cutoff {t} × (layers·hidden + max layer (6·hidden + 2·kv + 3·mlp) + 2·hidden), × 4 B"
+    } else {
+        "micro batch {b} × cutoff {t} × (Σ_layers(6·hidden + 2·kv + 3·mlp) + 2·hidden), × 4 B"
+    }
+    .replace("{b}", &b.to_string())
+    .replace("{t}", &t.to_string());
     let rows = [
-        ("weights", base * wbytes, format!("{} params × {wbytes} B", human_count(base))),
-        ("adapters (f32)", trainable * 4, format!("{} trainable params × 4 B", human_count(trainable))),
-        ("AdamW moments + gradients (f32)", trainable * 12, "3 × trainable × 4 B".to_string()),
         (
-            "activations",
-            b * t * act_per_token * 4,
-            format!("micro batch {b} × cutoff {t} × Σ_layers(12·hidden + 4·mlp + heads·cutoff) + 3·vocab, × 4 B"),
+            "weights",
+            base * wbytes,
+            format!("{} params × {wbytes} B", human_count(base)),
         ),
+        (
+            "adapters (f32)",
+            trainable * 4,
+            format!("{} trainable params × 4 B", human_count(trainable)),
+        ),
+        (
+            "AdamW moments + gradients (f32)",
+            trainable * 12,
+            "3 × trainable × 4 B".to_string(),
+        ),
+        ("activations", b * t * act_per_token * 4, act_formula),
     ];
     let total: u64 = rows.iter().map(|r| r.1).sum();
     if trainable > 0 {
@@ -196,5 +216,112 @@ pub fn plan(spec: &PipelineSpec) -> Result<String> {
         let _ = writeln!(s, "| {what} | {} | {formula} |", human_bytes(bytes));
     }
     let _ = writeln!(s, "| **total** | **{}** | |", human_bytes(total));
+    if let Some(available) = memory_available() {
+        if total > available {
+            let _ = writeln!(
+                s,
+                "\n**Will not fit**: the estimate {} exceeds the {} this machine has available. \
+                 Lower `finetune.micro_batch_size` or `cutoff_len`{}, or use a smaller dtype.",
+                human_bytes(total),
+                human_bytes(available),
+                if checkpointing {
+                    ""
+                } else {
+                    ", or set `finetune.activation_checkpointing: true`"
+                }
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "\nFits: {} of the {} this machine has available.",
+                human_bytes(total),
+                human_bytes(available)
+            );
+        }
+    }
+    if let (Some(a), Some(f)) = (attach.filter(|a| a.from.is_none()), finetune) {
+        if measure {
+            time_estimate(&mut s, &cfg, &shapes, a, f)?;
+        } else {
+            let _ = writeln!(
+                s,
+                "\nTime per step and per epoch: add `--measure` (a calibration step on this machine)."
+            );
+        }
+    }
     Ok(s)
+}
+
+/// The measured step time, and per epoch where the epoch's length is known without
+/// tokenizing (instruction data, no packing) or `max_steps` fixes the run.
+fn time_estimate(
+    s: &mut String,
+    cfg: &LlamaConfig,
+    shapes: &[LayerShape],
+    attach: &crate::adapters::AttachSpec,
+    f: &FinetuneSpec,
+) -> Result<()> {
+    let est = crate::train::estimate::estimate_step(cfg, shapes, attach, f)?;
+    let _ = writeln!(
+        s,
+        "\nTime on this machine (measured in {:.1} s on random weights of these shapes, {} \
+         threads): **{} per step** of {} × {} tokens.",
+        est.calibration_s,
+        candle_core::utils::get_num_threads(),
+        human_seconds(est.step_s),
+        f.batch_size,
+        f.cutoff_len
+    );
+    let examples = (!f.packing && f.text.is_empty())
+        .then(|| -> Result<usize> {
+            let mut n = 0;
+            for path in crate::data::expand_globs(&f.data, "finetune.data")? {
+                n += crate::data::read_instruction_file(&path)?.len();
+            }
+            let n = n.saturating_sub(f.val_set_size);
+            Ok(f.limit.map_or(n, |l| n.min(l)))
+        })
+        .transpose()?;
+    if let Some(steps) = f.max_steps {
+        let _ = writeln!(
+            s,
+            "{steps} steps (max_steps): **{}**.",
+            human_seconds(est.step_s * steps as f64)
+        );
+    } else if let Some(n) = examples {
+        let per_epoch = n.div_ceil(f.batch_size.max(1));
+        let _ = writeln!(
+            s,
+            "{n} training examples: {per_epoch} steps per epoch, **{} per epoch**, {} for {} epochs.",
+            human_seconds(est.step_s * per_epoch as f64),
+            human_seconds(est.step_s * (per_epoch * f.epochs) as f64),
+            f.epochs
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "The epoch's length needs the tokenized data (packing or text files): steps × the time per step."
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes; `None` off Linux.
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// `42 s`, `12.5 min`, `3.2 h`, `2.1 days`.
+fn human_seconds(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else {
+        format!("{:.1} days", s / 86_400.0)
+    }
 }

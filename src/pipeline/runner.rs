@@ -77,13 +77,14 @@ pub fn run_pipeline(file: &Path, overrides: &[String], options: RunOptions) -> R
     }
 }
 
-/// Validates the pipeline and prints its plan, loading nothing (`--dry-run`). Local
+/// Validates the pipeline and prints its plan, loading nothing (`--dry-run`); with
+/// `measure`, a calibrated time per training step (see [`crate::train::estimate`]). Local
 /// inputs must exist; a hub model need not be downloaded yet. (A `sweep:` block's runs
 /// are listed by `sweep::block_plan`.)
-pub fn dry_run(file: &Path, overrides: &[String]) -> Result<String> {
+pub fn dry_run(file: &Path, overrides: &[String], measure: bool) -> Result<String> {
     let spec = PipelineSpec::from_file(file, overrides)?;
     preflight_files(&spec, true).with_context(|| format!("pipeline {}", file.display()))?;
-    super::plan::plan(&spec)
+    super::plan::plan(&spec, measure)
 }
 
 /// Reads the pipeline with its overrides and checks what can be checked without loading

@@ -267,3 +267,78 @@ fn activation_checkpointing_without_the_explicit_pass_is_refused_before_any_work
         assert!(!run.exists());
     }
 }
+
+/// `--dry-run` says when a run will not fit (Sheared-LLaMA-1.3B at micro-batch 64 × 256
+/// needs 48 GiB of activations, more than a CI machine has), and activation checkpointing
+/// shrinks the activations' estimate to the layers' inputs plus one layer.
+#[test]
+fn dry_run_says_when_a_run_will_not_fit_and_what_checkpointing_saves() {
+    let activations = |extra: &[&str]| -> (String, f64) {
+        let mut args = vec![
+            "--pipeline",
+            "pipelines/sheared13b.yaml",
+            "--dry-run",
+            "--set",
+            "dtype=f32",
+            "--set",
+            "finetune.micro_batch_size=64",
+            "--set",
+            "finetune.batch_size=64",
+        ];
+        args.extend_from_slice(extra);
+        let out = recover(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("| activations |"))
+            .unwrap_or_else(|| panic!("no activations row in\n{text}"))
+            .to_string();
+        let gib: f64 = row
+            .split('|')
+            .nth(2)
+            .unwrap()
+            .trim()
+            .trim_end_matches(" GiB")
+            .parse()
+            .unwrap();
+        (text, gib)
+    };
+    // Values kept per token: 24 layers × (6·2048 + 2·2048 + 3·5504) + 2·2048; with
+    // checkpointing 24 · 2048 + one layer + 2·2048. Tokens 64 × 256, 4 bytes each.
+    let gib = |per_token: u64| (per_token * 64 * 256 * 4) as f64 / (1u64 << 30) as f64;
+    let (full, full_gib) = activations(&[]);
+    assert!(full.contains("**Will not fit**"), "{full}");
+    assert!(full.contains("activation_checkpointing: true"), "{full}");
+    let want = gib(24 * (6 * 2048 + 2 * 2048 + 3 * 5504) + 2 * 2048);
+    assert!((full_gib - want).abs() < 0.1, "{full_gib} vs {want}");
+    let (_, kept_gib) = activations(&["--set", "finetune.activation_checkpointing=true"]);
+    let want = gib(24 * 2048 + (6 * 2048 + 2 * 2048 + 3 * 5504) + 2 * 2048);
+    assert!((kept_gib - want).abs() < 0.1, "{kept_gib} vs {want}");
+}
+
+/// `--dry-run --measure` times a calibration step and scales it to the run.
+#[test]
+fn dry_run_measure_prints_the_time_per_step_and_for_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: t\nstages:\n  - load:\n      model: {}\n  - attach:\n      method: rora\n      rank: 4\n  \
+             - finetune:\n      text: [{}/data/stories260K-train.txt]\n      cutoff_len: 32\n      \
+             batch_size: 4\n      micro_batch_size: 2\n      max_steps: 10\n",
+            stories_dir().display(),
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let out = recover(&["--pipeline", f, "--dry-run", "--measure"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("per step** of 4 × 32 tokens"), "{text}");
+    assert!(text.contains("10 steps (max_steps)"), "{text}");
+    let plain = recover(&["--pipeline", f, "--dry-run"]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("add `--measure`"));
+}
