@@ -1,14 +1,13 @@
 //! `recover bench eval`: times multiple-choice scoring with the eval's own batched scorer
 //! on the benchmarks' random model.
 
-use super::measure::{median, mib, proc_status_bytes};
+use super::measure::{median, mib, proc_status_bytes, time_passes};
 use super::shape::{random_ids, random_model};
 use super::TrainBenchSpec;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::time::Instant;
 
 /// The scoring benchmark: questions of random tokens on `random_model(model)` (only the
 /// model's shape and seed fields of `model` are used).
@@ -121,14 +120,7 @@ pub fn bench_eval(spec: &EvalBenchSpec) -> Result<EvalBenchReport> {
         }
         Ok((sum, tokens))
     };
-    pass()?;
-    let mut run_s = Vec::with_capacity(spec.runs);
-    let (mut score_sum, mut tokens_per_run) = (0.0, 0);
-    for _ in 0..spec.runs {
-        let t0 = Instant::now();
-        (score_sum, tokens_per_run) = pass()?;
-        run_s.push(t0.elapsed().as_secs_f64());
-    }
+    let (run_s, (score_sum, tokens_per_run)) = time_passes(spec.runs, pass)?;
     let median_run_s = median(&run_s);
     Ok(EvalBenchReport {
         spec: spec.clone(),

@@ -4,7 +4,7 @@
 //! every prompt gets exactly `new_tokens`, as transformers' `generate` does with
 //! `min_new_tokens = max_new_tokens` in its peer `benches/peers/transformers_generate.py`.
 
-use super::measure::{median, mib, proc_status_bytes};
+use super::measure::{median, mib, proc_status_bytes, time_passes};
 use super::shape::{random_ids, random_model};
 use super::TrainBenchSpec;
 use crate::eval::generate::greedy_batch;
@@ -12,7 +12,6 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use rand::SeedableRng;
 use serde::Serialize;
-use std::time::Instant;
 
 /// The decoding benchmark: `prompts` random prompts of `prompt_len` tokens, `batch` at a
 /// time, `new_tokens` new tokens each.
@@ -105,14 +104,7 @@ pub fn bench_generate(spec: &GenerateBenchSpec) -> Result<GenerateBenchReport> {
         }
         Ok(sum)
     };
-    pass()?;
-    let mut run_s = Vec::with_capacity(spec.runs);
-    let mut token_sum = 0;
-    for _ in 0..spec.runs {
-        let t0 = Instant::now();
-        token_sum = pass()?;
-        run_s.push(t0.elapsed().as_secs_f64());
-    }
+    let (run_s, token_sum) = time_passes(spec.runs, pass)?;
     let median_run_s = median(&run_s);
     Ok(GenerateBenchReport {
         spec: spec.clone(),

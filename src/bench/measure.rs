@@ -13,6 +13,22 @@ pub(super) fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// Runs `pass` once untimed, then `runs` times timed: the wall time of each timed pass
+/// and the last pass's result.
+pub(super) fn time_passes<R>(
+    runs: usize,
+    mut pass: impl FnMut() -> anyhow::Result<R>,
+) -> anyhow::Result<(Vec<f64>, R)> {
+    let mut last = pass()?;
+    let mut run_s = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = std::time::Instant::now();
+        last = pass()?;
+        run_s.push(t0.elapsed().as_secs_f64());
+    }
+    Ok((run_s, last))
+}
+
 /// A `kB` line of `/proc/self/status` (`VmRSS`, `VmHWM`) in bytes; `None` off Linux.
 pub(super) fn proc_status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -27,13 +27,17 @@ impl LoraAdapter {
         Ok((matmul_t(&down, self.b.as_tensor())? * self.scale)?)
     }
 
+    /// Whether the fused LoRA kernel takes `x` with `weight`: everything f32 on the CPU.
+    pub fn fuses(&self, x: &Tensor, weight: &FrozenWeight) -> bool {
+        [x, weight.tensor(), self.a.as_tensor(), self.b.as_tensor()]
+            .into_iter()
+            .all(fused::applies_to)
+    }
+
     /// `x`: (..., in) → (..., out) in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, weight: &FrozenWeight, mode: Mode) -> Result<Tensor> {
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-        if [x, weight.tensor(), a, b]
-            .into_iter()
-            .all(fused::applies_to)
-        {
+        if self.fuses(x, weight) {
             let mask = dropout::mask(mode, self.dropout, self.id);
             return Ok(fused::lora::lora_linear(x, weight, a, b, self.scale, mask)?);
         }

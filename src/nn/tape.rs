@@ -80,13 +80,7 @@ pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, Proje
     let weight = linear.frozen_weight();
     let (rows, in_dim) = x.dims2()?;
     let fused_lora = match linear.adapter() {
-        Some(Adapter::Lora(l))
-            if [x, weight.tensor(), l.a.as_tensor(), l.b.as_tensor()]
-                .into_iter()
-                .all(fused::applies_to) =>
-        {
-            Some(l)
-        }
+        Some(Adapter::Lora(l)) if l.fuses(x, weight) => Some(l),
         _ => None,
     };
     let x = x.contiguous()?;

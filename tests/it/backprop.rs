@@ -13,33 +13,17 @@
 
 use crate::common::*;
 use candle_core::{DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
 use rora::adapters::{self, Method};
-use rora::data::Example;
 use rora::model::{backprop, safetensors_dir, Llama};
 use rora::nn::Mode;
 use rora::train::gradients::{micro_step, Backward, BackwardSettings, MicroStep};
 use rora::train::{Batch, FinetuneSpec, Objective, ObjectiveKind};
 
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const ALL: [&str; 7] = rora::model::schema::MODULES;
 
 /// Two right-padded examples of random tokens, some positions not targets.
 fn batch() -> Batch {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut example = |len: usize| Example {
-        ids: (0..len).map(|_| rng.random_range(3..512)).collect(),
-        targets: (0..len).map(|j| j >= 3 || j % 2 == 1).collect(),
-    };
-    let (a, b) = (example(13), example(8));
-    Batch::collate(&[&a, &b], &Device::Cpu).unwrap()
+    random_batch(5, &[13, 8], 3)
 }
 
 fn model_with(method: Method, dropout: f64, targets: &[&str]) -> Llama {

@@ -281,6 +281,21 @@ pub fn assert_resume_is_bitwise(dir: &Path, file: &Path, stop_after: usize, last
     assert_eq!(losses(&log_a), losses(&log_b));
 }
 
+/// Right-padded examples of seeded random tokens (ids 3..512), one per length in `lens`;
+/// position j is a target when `j >= first_target` or j is odd.
+pub fn random_batch(seed: u64, lens: &[usize], first_target: usize) -> rora::train::Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let examples: Vec<rora::data::Example> = lens
+        .iter()
+        .map(|&len| rora::data::Example {
+            ids: (0..len).map(|_| rng.random_range(3..512)).collect(),
+            targets: (0..len).map(|j| j >= first_target || j % 2 == 1).collect(),
+        })
+        .collect();
+    let refs: Vec<&rora::data::Example> = examples.iter().collect();
+    rora::train::Batch::collate(&refs, &Device::Cpu).unwrap()
+}
+
 pub const IDS: [u32; 9] = [1, 45, 300, 7, 99, 12, 401, 3, 250];
 
 pub fn tiny_loss(model: &rora::model::Llama) -> Tensor {

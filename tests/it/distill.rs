@@ -6,7 +6,6 @@ use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rora::adapters::{self, AttachSpec};
-use rora::data::Example;
 use rora::model::{Llama, LoadedModel, ModelSource};
 use rora::nn::fused::distill::{head_kl_divergence, Divergence};
 use rora::nn::Mode;
@@ -48,13 +47,7 @@ fn with_adapters(mut model: Llama) -> Llama {
 
 /// Two right-padded examples of random tokens, some positions not targets.
 fn batch() -> Batch {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut example = |len: usize| Example {
-        ids: (0..len).map(|_| rng.random_range(3..512)).collect(),
-        targets: (0..len).map(|j| j >= 4 || j % 2 == 1).collect(),
-    };
-    let (a, b) = (example(14), example(9));
-    Batch::collate(&[&a, &b], &Device::Cpu).unwrap()
+    random_batch(5, &[14, 9], 4)
 }
 
 fn kd_spec(objective: ObjectiveKind, divergence: Divergence, temperature: f64) -> FinetuneSpec {
