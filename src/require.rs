@@ -1,8 +1,9 @@
-//! `RORA_REQUIRE`: inputs a test may not skip for. A test that needs AMX or the SmolLM2
-//! GGUF and finds it missing skips with a line on stderr, so that the suite runs on any
-//! machine — unless `RORA_REQUIRE` (a comma-separated list such as `smollm2,amx`) names
-//! that input: then it fails. CI sets it, because CI has both, so a test there can never
-//! pass by skipping.
+//! `RORA_REQUIRE`: inputs a test may not skip for. A test that needs a bf16 kernel (`bf16`:
+//! AMX or AVX512-BF16), AMX itself (`amx`) or the SmolLM2 GGUF (`smollm2`) and finds it
+//! missing skips with a line on stderr, so that the suite runs on any machine — unless
+//! `RORA_REQUIRE` (a comma-separated list such as `smollm2,bf16,amx`) names
+//! that input: then it fails. CI sets it from what the machine has (`/proc/cpuinfo`, the
+//! fetched GGUF), so a test there can never pass by skipping.
 
 /// Whether `RORA_REQUIRE` names `input`.
 pub fn required(input: &str) -> bool {

@@ -105,8 +105,8 @@ pub struct BenchTrainArgs {
     /// time of their own: measure both settings users run.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
-    /// Inputs of the frozen weights' products: `bf16` runs them on AMX from bf16 inputs
-    /// (the finetune stage's `matmul_precision`); fails on a CPU without AMX.
+    /// Inputs of the frozen weights' products: `bf16` runs them from bf16 inputs on AMX or AVX512-BF16
+    /// (the finetune stage's `matmul_precision`); fails on a CPU with neither.
     #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
     pub matmul_precision: MatmulPrecision,
     /// What the step minimises: `kd` and `kd+lm` distil from a second random model of

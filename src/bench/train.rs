@@ -233,8 +233,8 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
     let attached = adapters::attach(&mut model, &attach, spec.seed)?;
     if !model.set_matmul_precision(spec.matmul_precision)? {
         bail!(
-            "bench train: --matmul-precision {} needs a CPU with AMX (Intel Sapphire Rapids or \
-             later) and a kernel that grants it; use f32 here",
+            "bench train: --matmul-precision {} needs a CPU with AMX or AVX512-BF16 \
+             (Intel Sapphire Rapids, AMD Zen 4 or later); use f32 here",
             spec.matmul_precision
         );
     }

@@ -322,7 +322,7 @@ impl Llama {
     /// Sets how the projections' and the output head's frozen weights multiply (see
     /// [`MatmulPrecision`]); packing bf16 copies takes as much memory as the f32 weights.
     /// Returns whether every product runs at `precision` (bf16 falls back to f32 without
-    /// AMX). Weights replaced afterwards multiply in f32 until this is called again.
+    /// AMX or AVX512-BF16). Weights replaced afterwards multiply in f32 until this is called again.
     pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
         let mut all = true;
         for (_, _, linear) in self.projections_mut() {

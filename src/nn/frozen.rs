@@ -1,5 +1,5 @@
 //! `x Wᵀ` for a frozen weight, with a backward pass for `x` only, in f32 or (where the
-//! CPU has AMX) from bf16 inputs.
+//! CPU has AMX or AVX512-BF16) from bf16 inputs.
 //!
 //! candle's `matmul` backward always computes both operand gradients, so every frozen
 //! projection paid for a full `dW = dYᵀ X` matmul (as large as the forward) and for a
@@ -7,7 +7,7 @@
 //! through adapters never needs `dW`; this op gives candle a backward that returns
 //! `dX = dY W` alone.
 
-use super::fused::{self, amx::PackedWeight};
+use super::fused::{self, bf16::PackedWeight};
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
@@ -17,7 +17,8 @@ use std::sync::Arc;
 /// The inputs of the frozen weights' products (forward and input gradient; adapters,
 /// attention and the optimizer stay f32). `bf16` rounds both operands to bf16 and sums
 /// in f32, as PyTorch does under `torch.set_float32_matmul_precision("medium")` or bf16
-/// autocast; it runs on AMX, and where the CPU has none (or the weights are not f32 on
+/// autocast; it runs on AMX or AVX512-BF16 ([`fused::bf16`]), and where the CPU has
+/// neither (or the weights are not f32 on
 /// the CPU) the products stay as they were.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -55,19 +56,20 @@ impl FrozenWeight {
         &self.tensor
     }
 
-    /// The bf16 copies the AMX kernel reads, when packed.
+    /// The bf16 copies the bf16 kernels read, when packed.
     pub fn packed(&self) -> Option<&PackedWeight> {
         self.packed.as_deref()
     }
 
     /// Packs (bf16) or drops (f32) the bf16 copies. Returns whether the products now run
-    /// at `precision`: bf16 needs AMX and an f32 weight on the CPU, and stays f32 without.
+    /// at `precision`: bf16 needs a bf16 kernel (AMX or AVX512-BF16) and an f32
+    /// weight on the CPU, and stays f32 without.
     pub fn set_precision(&mut self, precision: MatmulPrecision) -> Result<bool> {
         self.packed = None;
         if precision == MatmulPrecision::F32 {
             return Ok(true);
         }
-        if !fused::amx::available() || !fused::applies_to(&self.tensor) {
+        if !fused::bf16::available() || !fused::applies_to(&self.tensor) {
             return Ok(false);
         }
         let (out_dim, in_dim) = self.tensor.dims2()?;
@@ -214,10 +216,10 @@ mod tests {
         let mut half = FrozenWeight::new(w.to_dtype(DType::BF16).unwrap());
         assert!(!half.set_precision(MatmulPrecision::Bf16).unwrap());
         assert!(half.packed().is_none());
-        // f32 weights pack exactly where AMX is there, and f32 drops the copies again.
+        // f32 weights pack exactly where a bf16 kernel is there, and f32 drops the copies again.
         let mut full = FrozenWeight::new(w);
         let packed = full.set_precision(MatmulPrecision::Bf16).unwrap();
-        assert_eq!(packed, fused::amx::available());
+        assert_eq!(packed, fused::bf16::available());
         assert_eq!(full.packed().is_some(), packed);
         assert!(full.set_precision(MatmulPrecision::F32).unwrap());
         assert!(full.packed().is_none());

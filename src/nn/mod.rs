@@ -1,5 +1,5 @@
 //! The building blocks a model is made of, and nothing else: frozen weights (f32, or
-//! packed bf16 for AMX), the fused CPU kernels with their backward passes, [`Linear`]
+//! packed bf16 for AMX or AVX512-BF16), the fused CPU kernels with their backward passes, [`Linear`]
 //! with its optional adapter slot, the LoRA / DoRA / bottleneck / dropout forward passes
 //! and the prefix-tuning key/value vectors. The
 //! model (`model/`) and the attach policy (`adapters/`) both stand on this module and

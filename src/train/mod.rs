@@ -45,7 +45,7 @@ pub struct FinetuneReport {
     pub tokens: u64,
     pub seconds: f64,
     pub tokens_per_s: f64,
-    /// The precision the frozen products ran at (`bf16` asked on a CPU without AMX: f32).
+    /// The precision the frozen products ran at (`bf16` asked on a CPU without a bf16 kernel: f32).
     pub matmul_precision: MatmulPrecision,
     /// What training wrote into the run folder itself (log, checkpoints, loss curve):
     /// for the manifest, not part of `finetune.json`.
@@ -69,8 +69,8 @@ pub fn finetune(
     spec.validate()?;
     if !model.set_matmul_precision(spec.matmul_precision)? {
         progress::line(&format!(
-            "finetune: matmul_precision {} needs f32 weights on a CPU with AMX (Intel \
-             Sapphire Rapids or later); the frozen products run in the weights' own dtype",
+            "finetune: matmul_precision {} needs f32 weights on a CPU with AMX or \
+             AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 or later); the frozen products run in the weights' own dtype",
             spec.matmul_precision
         ));
         model.set_matmul_precision(MatmulPrecision::F32)?;

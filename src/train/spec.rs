@@ -56,9 +56,9 @@ pub struct FinetuneSpec {
     /// Stop after this step as if interrupted (a checkpoint is written), to resume later
     /// with `--resume`: for time-boxed sessions.
     pub stop_after: Option<usize>,
-    /// Inputs of the frozen weights' products: `f32`, or `bf16` (on AMX, as PyTorch's
+    /// Inputs of the frozen weights' products: `f32`, or `bf16` (on AMX or AVX512-BF16, as PyTorch's
     /// bf16 autocast rounds them; adapters, attention and the optimizer stay f32). A CPU
-    /// without AMX trains in f32 and says so.
+    /// without either trains in f32 and says so.
     pub matmul_precision: MatmulPrecision,
     /// Keep only each layer's input from the forward pass and run the layer again in the
     /// backward pass: activation memory of one layer instead of all, for one more forward

@@ -221,7 +221,7 @@ fn kernels_fall_back_for_other_dtypes() {
     assert_eq!(max_abs_diff(&y, &want), 0.0);
 }
 
-/// `w` packed for bf16 products; `None` (and a note) on a CPU without AMX, where the
+/// `w` packed for bf16 products; `None` (and a note) on a CPU without a bf16 kernel, where the
 /// weight must stay f32 and unpacked.
 fn packed_bf16(w: &Tensor) -> Option<FrozenWeight> {
     let mut weight = FrozenWeight::new(w.clone());
@@ -229,7 +229,10 @@ fn packed_bf16(w: &Tensor) -> Option<FrozenWeight> {
         return Some(weight);
     }
     assert!(weight.packed().is_none());
-    rora::require::skip_or_fail("amx", "no AMX on this CPU: bf16 products are not exercised");
+    rora::require::skip_or_fail(
+        "bf16",
+        "no bf16 kernel (AMX or AVX512-BF16) on this CPU: bf16 products are not exercised",
+    );
     None
 }
 

@@ -9,8 +9,8 @@
 //! composite forms stay (next to each caller) for other dtypes and devices, and the tests
 //! check each kernel against them.
 
-pub mod amx;
 pub mod attention;
+pub mod bf16;
 pub mod cross_entropy;
 pub mod distill;
 pub mod dropout;
@@ -74,17 +74,17 @@ pub(crate) fn scale_grad_rows(
     Tensor::from_vec(d, hidden.shape(), hidden.device())
 }
 
-/// `x Wᵀ` for `x` (rows × in) and a frozen weight `w` (out × in): on AMX from bf16
-/// inputs when `packed` holds its bf16 copies, otherwise in f32.
+/// `x Wᵀ` for `x` (rows × in) and a frozen weight `w` (out × in): from bf16
+/// inputs (AMX or AVX512-BF16) when `packed` holds its bf16 copies, otherwise in f32.
 pub(crate) fn frozen_product_t(
     x: &[f32],
     rows: usize,
     w: &[f32],
     (out_dim, in_dim): (usize, usize),
-    packed: Option<&amx::PackedWeight>,
+    packed: Option<&bf16::PackedWeight>,
 ) -> Vec<f32> {
     match packed {
-        Some(p) => amx::product(x, rows, &p.forward),
+        Some(p) => bf16::product(x, rows, &p.forward),
         None => gemm_par_new(
             (rows, out_dim, in_dim),
             Mat::rows(x, in_dim),
@@ -100,10 +100,10 @@ pub(crate) fn frozen_product(
     rows: usize,
     w: &[f32],
     (out_dim, in_dim): (usize, usize),
-    packed: Option<&amx::PackedWeight>,
+    packed: Option<&bf16::PackedWeight>,
 ) -> Vec<f32> {
     match packed {
-        Some(p) => amx::product(dy, rows, &p.backward),
+        Some(p) => bf16::product(dy, rows, &p.backward),
         None => gemm_par_new(
             (rows, in_dim, out_dim),
             Mat::rows(dy, out_dim),

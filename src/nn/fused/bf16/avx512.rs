@@ -1,0 +1,77 @@
+//! The AVX512-BF16 kernel (`vdpbf16ps`): for CPUs with bf16 dot products in the vector
+//! unit but no AMX tiles (AMD Zen 4 and later; Intel Cooper Lake).
+//!
+//! `vdpbf16ps acc, a, b` adds to each of 16 f32 lanes `a[2i]·b[2i] + a[2i+1]·b[2i+1]`. A
+//! line of a packed panel is exactly such a `b`: the (k, k+1) pairs of 16 columns. With
+//! the left operand's pair (A[i][k], A[i][k+1]) broadcast to every lane, one instruction
+//! adds two steps of k to 16 sums of row i: the panels serve both this kernel and the AMX
+//! tiles without repacking. Per pair of k, the micro-kernel loads two panel lines (32
+//! columns) and does [`ROWS`] × 2 products into as many accumulators (16 of the 32
+//! registers), enough independent chains to cover the instruction's latency.
+
+use super::{Block, PackedRhs, BLOCK_M, BLOCK_N, TILE_N};
+use std::arch::x86_64::*;
+
+/// Rows of the micro-kernel: [`BLOCK_M`] is four of them.
+const ROWS: usize = 8;
+
+/// Whether this CPU has AVX512-BF16 (and the AVX-512 foundation it extends).
+pub(super) fn detect() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+}
+
+/// Computes the rows of `block` of `block.a · rhs` into `dst` (row-major, `n` wide).
+///
+/// # Safety
+/// [`detect`] must have returned true; `dst` must be valid for writes of the block's rows,
+/// n values each, and no other thread may write them.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut f32, usize)) {
+    let Block {
+        a,
+        lines_per_row,
+        first,
+        count,
+    } = *block;
+    assert!(count <= BLOCK_M && a.len() >= BLOCK_M * lines_per_row);
+    // A row's values as (k, k+1) pairs: 16 per line.
+    let pairs_per_row = lines_per_row * TILE_N;
+    let a_pairs = a.as_ptr().cast::<u32>();
+    // Pairs past k are zeros on both sides; stop at the last one that holds a value.
+    let pairs = rhs.k.div_ceil(2);
+    for col_block in 0..n.div_ceil(BLOCK_N) {
+        let left = rhs.panel(2 * col_block).as_ptr().cast::<__m512bh>();
+        let right = rhs.panel(2 * col_block + 1).as_ptr().cast::<__m512bh>();
+        let first_col = col_block * BLOCK_N;
+        let cols = BLOCK_N.min(n - first_col);
+        // Masks of the columns to store in each half (all 16 but at the right edge).
+        let mask_left: __mmask16 = low_bits(cols.min(TILE_N));
+        let mask_right: __mmask16 = low_bits(cols.saturating_sub(TILE_N));
+        for top in (0..count).step_by(ROWS) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+            let rows = a_pairs.add(top * pairs_per_row);
+            for p in 0..pairs {
+                let b0 = *left.add(p);
+                let b1 = *right.add(p);
+                for (r, sums) in acc.iter_mut().enumerate() {
+                    // Rows past `count` are zero padding in `a`: read, never stored.
+                    let pair = *rows.add(r * pairs_per_row + p);
+                    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                    sums[0] = _mm512_dpbf16_ps(sums[0], a, b0);
+                    sums[1] = _mm512_dpbf16_ps(sums[1], a, b1);
+                }
+            }
+            for (r, sums) in acc.iter().enumerate().take(count - top) {
+                let out = dst.add((first + top + r) * n + first_col);
+                _mm512_mask_storeu_ps(out, mask_left, sums[0]);
+                // At the right edge the mask may be empty: no lane is written.
+                _mm512_mask_storeu_ps(out.wrapping_add(TILE_N), mask_right, sums[1]);
+            }
+        }
+    }
+}
+
+/// The mask of the lowest `count` (≤ 16) lanes.
+fn low_bits(count: usize) -> __mmask16 {
+    ((1u32 << count) - 1) as __mmask16
+}

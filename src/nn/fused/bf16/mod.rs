@@ -1,0 +1,353 @@
+//! Products with bf16 inputs and f32 sums, for the frozen weights of fine-tuning when
+//! `matmul_precision: bf16` is chosen. Two kernels read the same packed weights:
+//!
+//! - [`amx`]: Intel AMX tiles (`tdpbf16ps`; Sapphire Rapids and later);
+//! - [`avx512`]: AVX512-BF16 (`vdpbf16ps`; AMD Zen 4 and later, Intel Cooper Lake and
+//!   Sapphire Rapids), for the CPUs that have bf16 dot products but no tiles.
+//!
+//! The weight is packed once, in the layout both instructions read (pairs of rows of the
+//! right operand interleaved: "VNNI"), and each call rounds the left operand to bf16 on the
+//! way in. What the products compute is exactly the f32 product of the two operands
+//! rounded to bf16 (each bf16 × bf16 product is exact in f32), summed in another order:
+//! the tests compute that through the f32 gemm and hold each kernel to it.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use super::Mat;
+use multiversion::multiversion;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Rows of a C or A tile.
+const TILE_M: usize = 16;
+/// f32 columns of a C tile (a B tile holds 16 columns × 32 k-values as 16 rows of pairs).
+const TILE_N: usize = 16;
+/// bf16 values along k in one row of an A tile (64 bytes).
+const TILE_K: usize = 32;
+/// The kernel computes 2 × 2 C tiles at a time: two A tiles and two B tiles feed four
+/// products, the most the 8 tile registers allow.
+const BLOCK_M: usize = 2 * TILE_M;
+const BLOCK_N: usize = 2 * TILE_N;
+
+/// 64 bytes: one row of a tile, aligned as the loads want it (unaligned tile rows
+/// measured 30% slower).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; TILE_K]);
+
+const ZERO_LINE: Line = Line([0; TILE_K]);
+
+/// A kernel for bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    Amx,
+    Avx512,
+}
+
+impl Bf16Kernel {
+    /// The kernels this CPU runs, fastest first (checked once).
+    pub fn available() -> &'static [Bf16Kernel] {
+        static AVAILABLE: OnceLock<Vec<Bf16Kernel>> = OnceLock::new();
+        AVAILABLE.get_or_init(detect)
+    }
+
+    /// The kernel [`product`] uses: the fastest this CPU has.
+    pub fn best() -> Option<Bf16Kernel> {
+        Self::available().first().copied()
+    }
+}
+
+impl std::fmt::Display for Bf16Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bf16Kernel::Amx => "AMX",
+            Bf16Kernel::Avx512 => "AVX512-BF16",
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Vec<Bf16Kernel> {
+    [
+        (Bf16Kernel::Amx, amx::detect()),
+        (Bf16Kernel::Avx512, avx512::detect()),
+    ]
+    .into_iter()
+    .filter_map(|(kernel, present)| present.then_some(kernel))
+    .collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Vec<Bf16Kernel> {
+    Vec::new()
+}
+
+/// Whether this CPU has a kernel for bf16 products.
+pub fn available() -> bool {
+    Bf16Kernel::best().is_some()
+}
+
+/// f32 → bf16 bits, rounding to nearest even (the rounding of `vcvtneps2bf16` and of
+/// PyTorch's casts); NaN stays a quiet NaN.
+#[inline(always)]
+pub fn to_bf16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if v.is_nan() {
+        ((bits >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// `v` rounded to bf16, as f32.
+pub fn round_to_bf16(v: f32) -> f32 {
+    f32::from_bits((to_bf16(v) as u32) << 16)
+}
+
+#[multiversion(targets = "simd")]
+fn convert_row(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
+    }
+}
+
+/// The right operand (k × n) of a product, rounded to bf16 and packed for the tiles:
+/// panels of 16 columns, each `k/2` rows of 16 (k, k+1) pairs, k padded to 32 and n to
+/// 32 with zeros.
+pub struct PackedRhs {
+    k: usize,
+    n: usize,
+    /// k rounded up to [`TILE_K`].
+    k_pad: usize,
+    /// `n_pad / 16` panels of `k_pad / 2` lines each.
+    panels: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedRhs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedRhs(bf16, {} × {})", self.k, self.n)
+    }
+}
+
+impl PackedRhs {
+    /// Packs `rhs` (k × n).
+    pub(super) fn pack(rhs: Mat, k: usize, n: usize) -> Self {
+        assert!(rhs.data.len() >= rhs.extent(k, n), "amx: rhs too small");
+        let k_pad = k.div_ceil(TILE_K) * TILE_K;
+        let n_pad = n.div_ceil(BLOCK_N) * BLOCK_N;
+        let panel_lines = k_pad / 2;
+        let mut panels = vec![ZERO_LINE; n_pad / TILE_N * panel_lines];
+        panels
+            .par_chunks_mut(panel_lines)
+            .enumerate()
+            .for_each(|(panel, lines)| {
+                let cols = (panel * TILE_N)..n.min((panel + 1) * TILE_N);
+                for (pair, line) in lines.iter_mut().enumerate() {
+                    for p in (2 * pair)..k.min(2 * pair + 2) {
+                        for (j, col) in cols.clone().enumerate() {
+                            let v = rhs.data[p * rhs.row_stride + col * rhs.col_stride];
+                            line.0[2 * j + p % 2] = to_bf16(v);
+                        }
+                    }
+                }
+            });
+        Self {
+            k,
+            n,
+            k_pad,
+            panels,
+        }
+    }
+
+    /// The right operand of `x Wᵀ` for a weight `w` (n × k, row-major).
+    pub fn for_product_t(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack(Mat::transposed(w, k), k, n)
+    }
+
+    /// The right operand of `x W` for a weight `w` (k × n, row-major).
+    pub fn for_product(w: &[f32], k: usize, n: usize) -> Self {
+        Self::pack(Mat::rows(w, n), k, n)
+    }
+
+    fn panel(&self, index: usize) -> &[Line] {
+        let len = self.k_pad / 2;
+        &self.panels[index * len..(index + 1) * len]
+    }
+}
+
+/// A frozen weight `w` (out × in) packed for both of its products: `x Wᵀ` (forward)
+/// and `dY W` (the input's gradient). Together the size of the f32 weight.
+#[derive(Debug)]
+pub struct PackedWeight {
+    pub forward: PackedRhs,
+    pub backward: PackedRhs,
+}
+
+impl PackedWeight {
+    pub fn new(w: &[f32], out_dim: usize, in_dim: usize) -> Self {
+        Self {
+            forward: PackedRhs::for_product_t(w, out_dim, in_dim),
+            backward: PackedRhs::for_product(w, out_dim, in_dim),
+        }
+    }
+}
+
+/// `lhs (m × k, row-major) · rhs` in f32 from bf16-rounded inputs, on every thread of
+/// rayon's pool, with the fastest kernel this CPU has. Needs [`available`].
+pub fn product(lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    let kernel = Bf16Kernel::best().expect("bf16::product called on a CPU without bf16 products");
+    product_with(kernel, lhs, m, rhs)
+}
+
+/// [`product`] with a given kernel, which must be one of [`Bf16Kernel::available`].
+pub fn product_with(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    assert!(
+        Bf16Kernel::available().contains(&kernel),
+        "bf16::product_with: this CPU has no {kernel} kernel"
+    );
+    let (k, n) = (rhs.k, rhs.n);
+    assert!(lhs.len() >= m * k, "bf16: lhs too small");
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    let dst_addr = dst.as_mut_ptr() as usize;
+    let lines_per_row = rhs.k_pad / TILE_K;
+    (0..m.div_ceil(BLOCK_M)).into_par_iter().for_each(|block| {
+        let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
+        // This block's rows of lhs in bf16: (32 × k_pad), zero-padded.
+        let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
+        for (r, i) in rows.clone().enumerate() {
+            let line = &mut a[r * lines_per_row..(r + 1) * lines_per_row];
+            // SAFETY: `Line` is 32 u16 without padding; the slice covers exactly its lines.
+            let dst_row = unsafe {
+                std::slice::from_raw_parts_mut(line.as_mut_ptr().cast::<u16>(), rhs.k_pad)
+            };
+            convert_row(&lhs[i * k..(i + 1) * k], &mut dst_row[..k]);
+        }
+        let block = Block {
+            a: &a,
+            lines_per_row,
+            first: rows.start,
+            count: rows.len(),
+        };
+        // SAFETY: `kernel` is available (checked above); each task writes only the rows
+        // of its own block, every one of their n values; the kernels read `a` and `rhs`
+        // within their extents.
+        unsafe {
+            let dst = (dst_addr as *mut f32, n);
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Bf16Kernel::Amx => amx::block_rows(&block, rhs, dst),
+                #[cfg(target_arch = "x86_64")]
+                Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, dst),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("no bf16 kernel outside x86-64"),
+            }
+        };
+    });
+    // SAFETY: the blocks above cover rows 0..m, and each writes all n columns of its rows.
+    unsafe { dst.set_len(m * n) };
+    dst
+}
+
+/// Up to [`BLOCK_M`] rows of the left operand in bf16, as the kernels read them: row `r`
+/// of the block (output row `first + r`) is `lines_per_row` lines from line
+/// `r · lines_per_row`; rows past `count` are zeros, up to [`BLOCK_M`].
+struct Block<'a> {
+    a: &'a [Line],
+    lines_per_row: usize,
+    first: usize,
+    count: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gemm_par_new;
+    use super::*;
+
+    /// The f32 product of `lhs` (m × k) and `rhs` (k × n) rounded to bf16: what [`product`]
+    /// computes, summed in gemm's order.
+    fn reference_product(lhs: &[f32], m: usize, rhs_kn: Mat, k: usize, n: usize) -> Vec<f32> {
+        let a: Vec<f32> = lhs[..m * k].iter().map(|&v| round_to_bf16(v)).collect();
+        let mut b = vec![0f32; k * n];
+        for p in 0..k {
+            for j in 0..n {
+                b[p * n + j] =
+                    round_to_bf16(rhs_kn.data[p * rhs_kn.row_stride + j * rhs_kn.col_stride]);
+            }
+        }
+        gemm_par_new((m, n, k), Mat::rows(&a, k), Mat::rows(&b, n), 1.0)
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 + seed) * 0.37).sin() * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(round_to_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        assert_eq!(
+            round_to_bf16(1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
+        assert_eq!(round_to_bf16(-2.5), -2.5);
+        assert!(round_to_bf16(f32::NAN).is_nan());
+        assert_eq!(round_to_bf16(f32::INFINITY), f32::INFINITY);
+        // The largest finite f32 rounds up to infinity, as in PyTorch.
+        assert_eq!(round_to_bf16(f32::MAX), f32::INFINITY);
+    }
+
+    /// Each kernel this CPU has against the f32 product of the rounded operands. Both sum
+    /// exact products in f32 in different orders: the difference is a few ulps of the
+    /// largest partial sum, so 1e-5 relative to the largest |value| (k ≤ 100 terms here).
+    /// The shapes cover partial row blocks, partial column panels, odd k and k < 32.
+    #[test]
+    fn every_kernel_matches_the_reference_on_edge_shapes() {
+        let kernels = Bf16Kernel::available();
+        if kernels.is_empty() {
+            crate::require::skip_or_fail("bf16", "no bf16 kernel on this CPU (AMX or AVX512-BF16)");
+        }
+        if !kernels.contains(&Bf16Kernel::Amx) {
+            crate::require::skip_or_fail("amx", "no AMX on this CPU: its kernel is not exercised");
+        }
+        for &kernel in kernels {
+            for (m, n, k) in [
+                (1, 1, 1),
+                (37, 45, 70),
+                (64, 64, 64),
+                (33, 17, 100),
+                (5, 40, 31),
+                (9, 33, 2),
+            ] {
+                let x = values(m * k, 1.0);
+                let w = values(n * k, 2.0); // (n × k): a weight
+                let packed = PackedRhs::for_product_t(&w, n, k);
+                assert_close(
+                    &product_with(kernel, &x, m, &packed),
+                    &reference_product(&x, m, Mat::transposed(&w, k), k, n),
+                    &format!("{kernel} {m}×{n}×{k}"),
+                );
+                // The other orientation: x (m × n) · w (n × k).
+                let x2 = values(m * n, 3.0);
+                let packed = PackedRhs::for_product(&w, n, k);
+                assert_close(
+                    &product_with(kernel, &x2, m, &packed),
+                    &reference_product(&x2, m, Mat::rows(&w, k), n, k),
+                    &format!("{kernel} {m}×{k}×{n} (W)"),
+                );
+            }
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], label: &str) {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * scale, "{label} [{i}]: {g} vs {w}");
+        }
+    }
+}
