@@ -13,8 +13,11 @@ rounds of each side's tokens/s (or new tokens/s), their ratio, and peak RSS.
 
 Cells (name: what):
   {train-SHAPE-dDROPOUT-rRANK}: `recover bench train` vs peers/peft_train.py, f32
+  {train-SHAPE-dDROPOUT-rRANK-bf16}: the same with `--matmul-precision bf16` against
+      PyTorch's bf16 autocast (`--bf16`)
   {generate-SHAPE}: `recover bench generate` vs peers/transformers_generate.py, f32
-bf16 cells are left out on CPUs without AMX (rora's bf16 products need it).
+The default cells include the bf16 ones only on CPUs with a bf16 kernel for rora (AMX or
+AVX512-BF16, read from /proc/cpuinfo); elsewhere rora's bf16 would be its f32.
 """
 
 import argparse
@@ -35,9 +38,29 @@ DEFAULT_CELLS = [
     "train-smollm2-d0-r8",
     "train-smollm2-d0.05-r8",
     "train-smollm2-d0-r128",
+    "train-smollm2-d0.05-r128",
     "generate-default",
     "generate-smollm2",
 ]
+BF16_CELLS = [
+    "train-default-d0-r8-bf16",
+    "train-default-d0.05-r8-bf16",
+    "train-default-d0-r128-bf16",
+    "train-default-d0.05-r128-bf16",
+    "train-smollm2-d0-r8-bf16",
+    "train-smollm2-d0.05-r8-bf16",
+    "train-smollm2-d0-r128-bf16",
+    "train-smollm2-d0.05-r128-bf16",
+]
+
+
+def cpu_has_bf16_kernel():
+    """Whether rora's bf16 products run here: AMX or AVX512-BF16 in /proc/cpuinfo."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return {"amx_bf16", "amx_tile"} <= flags or "avx512_bf16" in flags
 
 
 def commands(cell, args):
@@ -45,11 +68,17 @@ def commands(cell, args):
     kind, shape, *rest = cell.split("-")
     if kind == "train":
         dropout, rank = rest[0][1:], rest[1][1:]
+        if rest[2:] not in ([], ["bf16"]):
+            sys.exit(f"unknown cell {cell!r}: a train cell ends in -rRANK or -rRANK-bf16")
+        bf16 = rest[2:] == ["bf16"]
         steps = ["--steps", "5", "--warmup", "1"] if shape == "default" else ["--steps", "3", "--warmup", "1"]
         rora = [args.rora, "bench", "train", "--shape", shape, "--dropout", dropout,
                 "--rank", rank, "--json", *steps]
         peer = [args.python, str(HERE / "peers/peft_train.py"), "--shape", shape,
                 "--dropout", dropout, "--rank", rank, "--threads", str(args.threads), *steps]
+        if bf16:
+            rora += ["--matmul-precision", "bf16"]
+            peer += ["--bf16"]
         return rora, peer, "tokens_per_s"
     if kind == "generate":
         rora = [args.rora, "bench", "generate", "--shape", shape, "--json"]
@@ -91,7 +120,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS))
+    default_cells = DEFAULT_CELLS + (BF16_CELLS if cpu_has_bf16_kernel() else [])
+    ap.add_argument("--cells", default=",".join(default_cells))
     ap.add_argument("--rora", default=str(HERE.parent / "target/release/recover"))
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--threads", type=int, default=2)
