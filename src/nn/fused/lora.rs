@@ -7,20 +7,11 @@
 //! and one masked add: with `d = drop(x) Aᵀ` and `u = γ · dy B`,
 //! `dB = γ · dyᵀ d`, `dA = uᵀ drop(x)`, `dx = dy W + mask ⊙ (u A)`.
 //! `W` gets no gradient.
-//!
-//! When the frozen weight's products run in bf16 (`matmul_precision: bf16`), so do the
-//! adapter's: every product from bf16-rounded operands with f32 sums, as PyTorch's bf16
-//! autocast runs each matmul of a LoRA layer. A and B change every step, so their bf16
-//! copies are packed per call (r × in and out × r values: small next to the products).
-//! The gradients that contract over rows take their transposed operand as the small one
-//! (`dBᵀ = γ · dᵀ dy`, `dA = uᵀ drop(x)`), so no (rows × out) matrix is ever transposed.
 
-use super::bf16::{self, PackedRhs};
 use super::dropout::DropoutMask;
 use super::{cpu_f32, frozen_product, frozen_product_t, gemm_par, gemm_par_new, with_f32, Mat};
 use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// `x`: (..., in), `weight`: (out, in), `a`: (r, in), `b`: (out, r), all f32 on the CPU →
@@ -103,60 +94,16 @@ impl LoraOp {
     /// `drop(x) Aᵀ`, (rows, r).
     fn down(&self, xd: &[f32], a: &[f32]) -> Vec<f32> {
         let (rows, in_dim, _, rank) = self.shape;
-        self.product_new(
+        let mut d = vec![0f32; rows * rank];
+        gemm_par(
             (rows, rank, in_dim),
+            &mut d,
+            false,
             Mat::rows(xd, in_dim),
             Mat::transposed(a, in_dim),
             1.0,
-        )
-    }
-
-    /// `scale · lhs (m × k) · rhs (k × n)`, new: f32 gemm, or from bf16-rounded
-    /// operands when the frozen weight's products are bf16. The bf16 path packs `rhs` and
-    /// copies `lhs` row-major when it is not (callers pass a small one).
-    fn product_new(
-        &self,
-        (m, n, k): (usize, usize, usize),
-        lhs: Mat,
-        rhs: Mat,
-        scale: f32,
-    ) -> Vec<f32> {
-        if self.weight.packed().is_none() {
-            return gemm_par_new((m, n, k), lhs, rhs, scale);
-        }
-        let lhs_rows: Cow<[f32]> = if lhs.col_stride == 1 && lhs.row_stride == k {
-            Cow::Borrowed(&lhs.data[..m * k])
-        } else {
-            Cow::Owned(
-                (0..m * k)
-                    .map(|i| lhs.data[(i / k) * lhs.row_stride + (i % k) * lhs.col_stride])
-                    .collect(),
-            )
-        };
-        let mut sums = bf16::product(&lhs_rows, m, &PackedRhs::pack(rhs, k, n));
-        if scale != 1.0 {
-            sums.par_iter_mut().for_each(|v| *v *= scale);
-        }
-        sums
-    }
-
-    /// `dst (m × n) += scale · lhs (m × k) · rhs (k × n)`, in the precision of
-    /// [`Self::product_new`].
-    fn product_add(
-        &self,
-        dims: (usize, usize, usize),
-        dst: &mut [f32],
-        lhs: Mat,
-        rhs: Mat,
-        scale: f32,
-    ) {
-        if self.weight.packed().is_none() {
-            return gemm_par(dims, dst, true, lhs, rhs, scale);
-        }
-        let sums = self.product_new(dims, lhs, rhs, scale);
-        dst.par_iter_mut()
-            .zip(sums.par_iter())
-            .for_each(|(d, s)| *d += s);
+        );
+        d
     }
 }
 
@@ -188,9 +135,10 @@ impl CustomOp3 for LoraOp {
                 self.weight.packed(),
             ))
         })?;
-        self.product_add(
+        gemm_par(
             (rows, out_dim, rank),
             &mut y,
+            true,
             Mat::rows(&down, rank),
             Mat::transposed(b, rank),
             self.scale,
@@ -229,26 +177,32 @@ impl LoraOp {
                         with_f32(self.weight.tensor(), n, |w| {
                             let xd = self.dropped(x);
                             let down = self.down(&xd, a);
-                            // dBᵀ = γ · downᵀ dy  (r, out), then dB  (out, r)
-                            let db_t = self.product_new(
-                                (rank, out_dim, rows),
-                                Mat::transposed(&down, rank),
-                                Mat::rows(dy, out_dim),
+                            // dB = γ · dyᵀ down  (out, r)
+                            let mut db = vec![0f32; out_dim * rank];
+                            gemm_par(
+                                (out_dim, rank, rows),
+                                &mut db,
+                                false,
+                                Mat::transposed(dy, out_dim),
+                                Mat::rows(&down, rank),
                                 self.scale,
                             );
-                            let db: Vec<f32> = (0..out_dim * rank)
-                                .map(|i| db_t[(i % rank) * out_dim + i / rank])
-                                .collect();
                             // u = γ · dy B  (rows, r)
-                            let u = self.product_new(
+                            let mut u = vec![0f32; rows * rank];
+                            gemm_par(
                                 (rows, rank, out_dim),
+                                &mut u,
+                                false,
                                 Mat::rows(dy, out_dim),
                                 Mat::rows(b, rank),
                                 self.scale,
                             );
                             // dA = uᵀ drop(x)  (r, in)
-                            let da = self.product_new(
+                            let mut da = vec![0f32; rank * in_dim];
+                            gemm_par(
                                 (rank, in_dim, rows),
+                                &mut da,
+                                false,
                                 Mat::transposed(&u, rank),
                                 Mat::rows(&xd, in_dim),
                                 1.0,
@@ -262,15 +216,16 @@ impl LoraOp {
                                 self.weight.packed(),
                             );
                             match &self.dropout {
-                                None => self.product_add(
+                                None => gemm_par(
                                     (rows, in_dim, rank),
                                     &mut dx,
+                                    true,
                                     Mat::rows(&u, rank),
                                     Mat::rows(a, in_dim),
                                     1.0,
                                 ),
                                 Some(mask) => {
-                                    let ua = self.product_new(
+                                    let ua = gemm_par_new(
                                         (rows, in_dim, rank),
                                         Mat::rows(&u, rank),
                                         Mat::rows(a, in_dim),
