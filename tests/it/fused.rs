@@ -252,11 +252,18 @@ fn bf16_rounded(t: &Tensor) -> Tensor {
 /// With packed bf16 weights, the frozen products are exactly f32 products of bf16-rounded
 /// operands: forward `round(x) round(W)ᵀ`, input gradient `round(dy) round(W)`. The
 /// objective `Σ y ⊙ probe` makes `dy = probe`, so both sides are known without the kernel.
-/// The adapter's own products stay f32 (dA, dB against the f32 composite). Tolerances
-/// as for the f32 kernels: the same exact products summed in another order.
+/// The adapter's products with A or B on the right are bf16 too (as under PyTorch's
+/// autocast; from rank 32), intermediates included: `d = round(x) round(A)ᵀ` and
+/// `u = γ round(dy) round(B)` are rounded again where they enter the next product; dA and
+/// dB stay f32. Tolerances as for the f32 kernels (the same exact products summed in
+/// another order). For the adapter, x, A, B and dy lie on a grid of sixteenths: every
+/// product and partial sum of `d` and `u` is then exact in f32, so both sides round the
+/// same intermediate values (from f32 sums that merely agreed to ~1e-7, a sum within that
+/// of a bf16 rounding midpoint would round apart), and those values still carry more bits
+/// than bf16 keeps, so the rounding is exercised.
 #[test]
 fn bf16_products_are_f32_products_of_rounded_operands() {
-    let (in_dim, out_dim, rank) = (40, 56, 4);
+    let (in_dim, out_dim) = (40, 56);
     let x = var(&[2, 9, in_dim], 21);
     let w = (randn(&[out_dim, in_dim], 22) * 0.2).unwrap();
     let Some(weight) = packed_bf16(&w) else {
@@ -281,48 +288,60 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
     );
     assert_close("frozen projection, bf16", (out, grad));
 
-    // With a LoRA update (no dropout): y = round(x) round(W)ᵀ + γ x Aᵀ Bᵀ.
+    // With a LoRA update (no dropout), γ = 2, rank 32, on grid inputs.
+    let grid = |t: &Tensor| ((t * 8.0).unwrap().round().unwrap() / 16.0).unwrap();
+    let rank = 32;
+    let x = Var::from_tensor(&grid(x.as_tensor())).unwrap();
+    let probe = grid(&probe);
+    let (x_r, probe_r) = (x.as_tensor().clone(), probe.clone());
     let adapter = LoraAdapter {
-        a: var(&[rank, in_dim], 24),
-        b: var(&[out_dim, rank], 25),
+        a: Var::from_tensor(&grid(&randn(&[rank, in_dim], 24))).unwrap(),
+        b: Var::from_tensor(&grid(&randn(&[out_dim, rank], 25))).unwrap(),
         scale: 2.0,
         dropout: 0.0,
         id: 1,
     };
+    let want_y = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
+    let want_dx = probe_r.broadcast_matmul(&w_r).unwrap();
     let y = adapter.forward(&x, &weight, Mode::Eval).unwrap();
-    let f32_weight = FrozenWeight::new(w.clone());
-    let composite = adapter
-        .forward_composite(&x, &f32_weight, Mode::Eval)
-        .unwrap();
-    let base_f32 = frozen_matmul_t(&x.as_tensor().detach(), &f32_weight).unwrap();
-    let want_y = ((&composite - &base_f32).unwrap() + &want_y).unwrap();
     let grads = (&y * &probe)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
-    let grads_f32 = (&composite * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    // dx = round(dy) round(W) + γ (dy B) A
-    let (a, b) = (adapter.a.as_tensor(), adapter.b.as_tensor());
-    let lora_dx = (probe
-        .broadcast_matmul(b)
-        .unwrap()
-        .broadcast_matmul(a)
-        .unwrap()
-        * 2.0)
-        .unwrap();
-    let want_dx = (&want_dx + lora_dx).unwrap();
-    let mut worst = relative(grads.get(&x).unwrap(), &want_dx);
-    for v in [&adapter.a, &adapter.b] {
-        worst = worst.max(relative(grads.get(v).unwrap(), grads_f32.get(v).unwrap()));
-    }
-    assert_close("lora, bf16 frozen products", (relative(&y, &want_y), worst));
+    let (a_r, b_r) = (
+        bf16_rounded(adapter.a.as_tensor()),
+        bf16_rounded(adapter.b.as_tensor()),
+    );
+    let rows = |t: &Tensor| t.flatten_to(1).unwrap();
+    // y = round(x) round(W)ᵀ + γ round(d) round(B)ᵀ, d = round(x) round(A)ᵀ
+    let d = x_r.broadcast_matmul(&a_r.t().unwrap()).unwrap();
+    assert!(
+        max_abs_diff(&bf16_rounded(&d), &d) > 0.0,
+        "the grid inputs must leave d with more bits than bf16 keeps"
+    );
+    let want_y = (&want_y
+        + (bf16_rounded(&d)
+            .broadcast_matmul(&b_r.t().unwrap())
+            .unwrap()
+            * 2.0)
+            .unwrap())
+    .unwrap();
+    // u = γ round(dy) round(B); dx = round(dy) round(W) + round(u) round(A)
+    let u = (probe_r.broadcast_matmul(&b_r).unwrap() * 2.0).unwrap();
+    let want_dx = (&want_dx + bf16_rounded(&u).broadcast_matmul(&a_r).unwrap()).unwrap();
+    // In f32: dA = uᵀ x, dB = γ dyᵀ d
+    let want_da = rows(&u).t().unwrap().matmul(&rows(x.as_tensor())).unwrap();
+    let want_db = (rows(&probe).t().unwrap().matmul(&rows(&d)).unwrap() * 2.0).unwrap();
+    let worst = [
+        relative(grads.get(&x).unwrap(), &want_dx),
+        relative(grads.get(&adapter.a).unwrap(), &want_da),
+        relative(grads.get(&adapter.b).unwrap(), &want_db),
+    ]
+    .into_iter()
+    .fold(0f32, f32::max);
+    assert_close("lora, bf16 products", (relative(&y, &want_y), worst));
 }
 
 /// The output head with packed bf16 weights: log-probs of `round(h) round(W)ᵀ`, and the

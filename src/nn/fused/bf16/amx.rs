@@ -5,7 +5,7 @@
 //! inline assembly; it runs only where [`detect`] says the CPU has AMX and the kernel
 //! has granted this process the tile state.
 
-use super::{Block, PackedRhs, BLOCK_M, BLOCK_N, TILE_K, TILE_M, TILE_N};
+use super::{Block, Out, PackedRhs, BLOCK_M, BLOCK_N, TILE_K, TILE_M, TILE_N};
 use std::arch::asm;
 
 /// Whether this CPU has AMX with bf16 and Linux lets this process use the tiles.
@@ -51,19 +51,15 @@ impl TileConfig {
     }
 }
 
-/// Computes the rows of `block` of `block.a · rhs` into `dst` (row-major, `n` wide).
+/// Computes the rows of `block` of `block.a · rhs` into `out`.
 ///
 /// # Safety
-/// [`detect`] must have returned true; `dst` must be valid for writes of the block's rows,
-/// n values each, and no other thread may write them.
-pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut f32, usize)) {
-    let Block {
-        a,
-        lines_per_row,
-        first,
-        count,
-    } = *block;
-    assert!(count <= BLOCK_M && a.len() >= BLOCK_M * lines_per_row);
+/// [`detect`] must have returned true; `out` must be valid for reads and writes of the
+/// block's rows, n values each, and no other thread may touch them.
+pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
+    let (dst, n) = (out.ptr, out.n);
+    let (first, count, lines_per_row) = (block.first, block.count, block.lines_per_row);
+    let a = block.a;
     let config = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
     let a_top = a.as_ptr();
@@ -105,9 +101,10 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut 
         }
         let cols = BLOCK_N.min(n - col_block * BLOCK_N);
         let first_col = col_block * BLOCK_N;
-        let full = count == BLOCK_M && cols == BLOCK_N;
-        // Full blocks go straight to `dst`; edge blocks through `spill`.
-        let (base, stride) = if full {
+        // Full blocks that are stored go straight to `dst`; edge blocks and sums to add
+        // go through `spill`.
+        let direct = count == BLOCK_M && cols == BLOCK_N && out.add_scaled.is_none();
+        let (base, stride) = if direct {
             (dst.add(first * n + first_col), n * 4)
         } else {
             (spill.as_mut_ptr(), BLOCK_N * 4)
@@ -125,13 +122,15 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut 
             sc = in(reg) stride,
             options(nostack)
         );
-        if !full {
+        if !direct {
             for r in 0..count {
-                std::ptr::copy_nonoverlapping(
-                    spill.as_ptr().add(r * BLOCK_N),
-                    dst.add((first + r) * n + first_col),
-                    cols,
-                );
+                let sums = &spill[r * BLOCK_N..r * BLOCK_N + cols];
+                let row =
+                    std::slice::from_raw_parts_mut(dst.add((first + r) * n + first_col), cols);
+                match out.add_scaled {
+                    None => row.copy_from_slice(sums),
+                    Some(scale) => row.iter_mut().zip(sums).for_each(|(d, s)| *d += scale * s),
+                }
             }
         }
     }

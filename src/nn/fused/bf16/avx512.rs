@@ -9,10 +9,10 @@
 //! columns) and does [`ROWS`] × 2 products into as many accumulators (16 of the 32
 //! registers), enough independent chains to cover the instruction's latency.
 
-use super::{Block, PackedRhs, BLOCK_M, BLOCK_N, TILE_N};
+use super::{Block, Out, PackedRhs, BLOCK_N, TILE_N};
 use std::arch::x86_64::*;
 
-/// Rows of the micro-kernel: [`BLOCK_M`] is four of them.
+/// Rows of the micro-kernel: [`super::BLOCK_M`] is four of them.
 const ROWS: usize = 8;
 
 /// Whether this CPU has AVX512-BF16 (and the AVX-512 foundation it extends).
@@ -20,23 +20,18 @@ pub(super) fn detect() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
-/// Computes the rows of `block` of `block.a · rhs` into `dst` (row-major, `n` wide).
+/// Computes the rows of `block` of `block.a · rhs` into `out`.
 ///
 /// # Safety
-/// [`detect`] must have returned true; `dst` must be valid for writes of the block's rows,
-/// n values each, and no other thread may write them.
+/// [`detect`] must have returned true; `out` must be valid for reads and writes of the
+/// block's rows, n values each, and no other thread may touch them.
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut f32, usize)) {
-    let Block {
-        a,
-        lines_per_row,
-        first,
-        count,
-    } = *block;
-    assert!(count <= BLOCK_M && a.len() >= BLOCK_M * lines_per_row);
+pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
+    let (dst, n) = (out.ptr, out.n);
+    let (first, count) = (block.first, block.count);
     // A row's values as (k, k+1) pairs: 16 per line.
-    let pairs_per_row = lines_per_row * TILE_N;
-    let a_pairs = a.as_ptr().cast::<u32>();
+    let pairs_per_row = block.lines_per_row * TILE_N;
+    let a_pairs = block.a.as_ptr().cast::<u32>();
     // Pairs past k are zeros on both sides; stop at the last one that holds a value.
     let pairs = rhs.k.div_ceil(2);
     for col_block in 0..n.div_ceil(BLOCK_N) {
@@ -62,10 +57,20 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, (dst, n): (*mut 
                 }
             }
             for (r, sums) in acc.iter().enumerate().take(count - top) {
-                let out = dst.add((first + top + r) * n + first_col);
-                _mm512_mask_storeu_ps(out, mask_left, sums[0]);
-                // At the right edge the mask may be empty: no lane is written.
-                _mm512_mask_storeu_ps(out.wrapping_add(TILE_N), mask_right, sums[1]);
+                let row = dst.add((first + top + r) * n + first_col);
+                // At the right edge the mask may be empty: no lane is touched.
+                let halves = [(row, mask_left), (row.wrapping_add(TILE_N), mask_right)];
+                for (&(ptr, mask), &sum) in halves.iter().zip(sums) {
+                    let value = match out.add_scaled {
+                        None => sum,
+                        Some(scale) => _mm512_fmadd_ps(
+                            sum,
+                            _mm512_set1_ps(scale),
+                            _mm512_maskz_loadu_ps(mask, ptr),
+                        ),
+                    };
+                    _mm512_mask_storeu_ps(ptr, mask, value);
+                }
             }
         }
     }

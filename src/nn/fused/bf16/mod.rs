@@ -199,20 +199,73 @@ impl PackedWeight {
 /// `lhs (m × k, row-major) · rhs` in f32 from bf16-rounded inputs, on every thread of
 /// rayon's pool, with the fastest kernel this CPU has. Needs [`available`].
 pub fn product(lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
-    let kernel = Bf16Kernel::best().expect("bf16::product called on a CPU without bf16 products");
-    product_with(kernel, lhs, m, rhs)
+    product_with(best_kernel(), lhs, m, rhs)
+}
+
+/// `dst (m × n) += scale · lhs · rhs`: [`product`] added into `dst` as the kernel stores
+/// its sums (no second pass over `dst`).
+pub fn product_add(lhs: &[f32], m: usize, rhs: &PackedRhs, dst: &mut [f32], scale: f32) {
+    product_add_with(best_kernel(), lhs, m, rhs, dst, scale)
+}
+
+fn best_kernel() -> Bf16Kernel {
+    Bf16Kernel::best().expect("bf16 products called on a CPU without a bf16 kernel")
 }
 
 /// [`product`] with a given kernel, which must be one of [`Bf16Kernel::available`].
 pub fn product_with(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    let mut dst = Vec::<f32>::with_capacity(m * rhs.n);
+    let out = Out {
+        ptr: dst.as_mut_ptr(),
+        n: rhs.n,
+        add_scaled: None,
+    };
+    run(kernel, lhs, m, rhs, out);
+    // SAFETY: `run` stored every one of the m × n values.
+    unsafe { dst.set_len(m * rhs.n) };
+    dst
+}
+
+/// [`product_add`] with a given kernel, which must be one of [`Bf16Kernel::available`].
+pub fn product_add_with(
+    kernel: Bf16Kernel,
+    lhs: &[f32],
+    m: usize,
+    rhs: &PackedRhs,
+    dst: &mut [f32],
+    scale: f32,
+) {
+    assert!(dst.len() >= m * rhs.n, "bf16: destination too small");
+    let out = Out {
+        ptr: dst.as_mut_ptr(),
+        n: rhs.n,
+        add_scaled: Some(scale),
+    };
+    run(kernel, lhs, m, rhs, out);
+}
+
+/// Where the kernels put their sums: rows of `ptr` (row-major, `n` wide), stored as they
+/// are or, with `add_scaled`, multiplied by it and added to what is there.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    n: usize,
+    add_scaled: Option<f32>,
+}
+
+// SAFETY: `run` hands each rayon task the rows of its own block only.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Runs `kernel` over the row blocks of `lhs · rhs`, writing every value of rows 0..m of
+/// `out`, whose `ptr` must be valid for m × n values and alias neither operand.
+fn run(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs, out: Out) {
     assert!(
         Bf16Kernel::available().contains(&kernel),
-        "bf16::product_with: this CPU has no {kernel} kernel"
+        "bf16 products: this CPU has no {kernel} kernel"
     );
-    let (k, n) = (rhs.k, rhs.n);
+    let k = rhs.k;
     assert!(lhs.len() >= m * k, "bf16: lhs too small");
-    let mut dst = Vec::<f32>::with_capacity(m * n);
-    let dst_addr = dst.as_mut_ptr() as usize;
     let lines_per_row = rhs.k_pad / TILE_K;
     (0..m.div_ceil(BLOCK_M)).into_par_iter().for_each(|block| {
         let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
@@ -232,29 +285,27 @@ pub fn product_with(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs) 
             first: rows.start,
             count: rows.len(),
         };
+        assert!(block.count <= BLOCK_M && block.a.len() == BLOCK_M * lines_per_row);
         // SAFETY: `kernel` is available (checked above); each task writes only the rows
         // of its own block, every one of their n values; the kernels read `a` and `rhs`
         // within their extents.
         unsafe {
-            let dst = (dst_addr as *mut f32, n);
             match kernel {
                 #[cfg(target_arch = "x86_64")]
-                Bf16Kernel::Amx => amx::block_rows(&block, rhs, dst),
+                Bf16Kernel::Amx => amx::block_rows(&block, rhs, out),
                 #[cfg(target_arch = "x86_64")]
-                Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, dst),
+                Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, out),
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("no bf16 kernel outside x86-64"),
             }
         };
     });
-    // SAFETY: the blocks above cover rows 0..m, and each writes all n columns of its rows.
-    unsafe { dst.set_len(m * n) };
-    dst
 }
 
 /// Up to [`BLOCK_M`] rows of the left operand in bf16, as the kernels read them: row `r`
 /// of the block (output row `first + r`) is `lines_per_row` lines from line
-/// `r · lines_per_row`; rows past `count` are zeros, up to [`BLOCK_M`].
+/// `r · lines_per_row`; rows past `count` are zeros, up to [`BLOCK_M`] (`run` makes every
+/// block so, and the kernels rely on it).
 struct Block<'a> {
     a: &'a [Line],
     lines_per_row: usize,
@@ -327,11 +378,17 @@ mod tests {
                 let x = values(m * k, 1.0);
                 let w = values(n * k, 2.0); // (n × k): a weight
                 let packed = PackedRhs::for_product_t(&w, n, k);
+                let want = reference_product(&x, m, Mat::transposed(&w, k), k, n);
                 assert_close(
                     &product_with(kernel, &x, m, &packed),
-                    &reference_product(&x, m, Mat::transposed(&w, k), k, n),
+                    &want,
                     &format!("{kernel} {m}×{n}×{k}"),
                 );
+                // Added, scaled, into what `dst` holds.
+                let mut dst = values(m * n, 4.0);
+                let want_sum: Vec<f32> = dst.iter().zip(&want).map(|(d, w)| d - 0.5 * w).collect();
+                product_add_with(kernel, &x, m, &packed, &mut dst, -0.5);
+                assert_close(&dst, &want_sum, &format!("{kernel} {m}×{n}×{k}, added"));
                 // The other orientation: x (m × n) · w (n × k).
                 let x2 = values(m * n, 3.0);
                 let packed = PackedRhs::for_product(&w, n, k);
