@@ -114,32 +114,27 @@ impl LoraOp {
 
     /// `drop(x) Aᵀ`, (rows, r).
     fn down(&self, xd: &[f32], a: &[f32]) -> Vec<f32> {
-        let (rows, in_dim, _, rank) = self.shape;
-        if self.bf16() {
-            return bf16::product(xd, rows, &PackedRhs::for_product_t(a, rank, in_dim));
-        }
-        gemm_par_new(
-            (rows, rank, in_dim),
-            Mat::rows(xd, in_dim),
-            Mat::transposed(a, in_dim),
-            1.0,
-        )
+        let (_, in_dim, _, rank) = self.shape;
+        self.product(xd, in_dim, Mat::transposed(a, in_dim), rank, 1.0)
     }
 
     /// `u = γ · dy B`, (rows, r).
     fn dy_b(&self, dy: &[f32], b: &[f32]) -> Vec<f32> {
-        let (rows, _, out_dim, rank) = self.shape;
+        let (_, _, out_dim, rank) = self.shape;
+        self.product(dy, out_dim, Mat::rows(b, rank), rank, self.scale)
+    }
+
+    /// `scale · lhs (rows × k) · rhs (k × n)`, new: the products with A or B on the right.
+    fn product(&self, lhs: &[f32], k: usize, rhs: Mat, n: usize, scale: f32) -> Vec<f32> {
+        let rows = self.shape.0;
         if !self.bf16() {
-            return gemm_par_new(
-                (rows, rank, out_dim),
-                Mat::rows(dy, out_dim),
-                Mat::rows(b, rank),
-                self.scale,
-            );
+            return gemm_par_new((rows, n, k), Mat::rows(lhs, k), rhs, scale);
         }
-        let mut u = bf16::product(dy, rows, &PackedRhs::for_product(b, out_dim, rank));
-        u.iter_mut().for_each(|v| *v *= self.scale);
-        u
+        let mut y = bf16::product(lhs, rows, &PackedRhs::pack(rhs, k, n));
+        if scale != 1.0 {
+            y.iter_mut().for_each(|v| *v *= scale);
+        }
+        y
     }
 
     /// `dst (rows × n) += scale · lhs (rows × k) · rhs (k × n)`: the products that add the
@@ -264,17 +259,8 @@ impl LoraOp {
                                     1.0,
                                 ),
                                 Some(mask) => {
-                                    let ua = if self.bf16() {
-                                        let a_rows = PackedRhs::for_product(a, rank, in_dim);
-                                        bf16::product(&u, rows, &a_rows)
-                                    } else {
-                                        gemm_par_new(
-                                            (rows, in_dim, rank),
-                                            Mat::rows(&u, rank),
-                                            Mat::rows(a, in_dim),
-                                            1.0,
-                                        )
-                                    };
+                                    let ua =
+                                        self.product(&u, rank, Mat::rows(a, in_dim), in_dim, 1.0);
                                     mask.apply_add(&ua, &mut dx);
                                 }
                             }

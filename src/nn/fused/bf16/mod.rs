@@ -1,5 +1,5 @@
-//! Products with bf16 inputs and f32 sums, for the frozen weights of fine-tuning when
-//! `matmul_precision: bf16` is chosen. Two kernels read the same packed weights:
+//! Products with bf16 inputs and f32 sums, for the frozen weights of fine-tuning (and,
+//! from rank 32, the adapters' A and B products) when `matmul_precision: bf16` is chosen. Two kernels read the same packed weights:
 //!
 //! - [`amx`]: Intel AMX tiles (`tdpbf16ps`; Sapphire Rapids and later);
 //! - [`avx512`]: AVX512-BF16 (`vdpbf16ps`; AMD Zen 4 and later, Intel Cooper Lake and
@@ -136,7 +136,7 @@ impl std::fmt::Debug for PackedRhs {
 impl PackedRhs {
     /// Packs `rhs` (k × n).
     pub(super) fn pack(rhs: Mat, k: usize, n: usize) -> Self {
-        assert!(rhs.data.len() >= rhs.extent(k, n), "amx: rhs too small");
+        assert!(rhs.data.len() >= rhs.extent(k, n), "bf16: rhs too small");
         let k_pad = k.div_ceil(TILE_K) * TILE_K;
         let n_pad = n.div_ceil(BLOCK_N) * BLOCK_N;
         let panel_lines = k_pad / 2;
