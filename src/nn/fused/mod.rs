@@ -14,6 +14,7 @@ pub mod bf16;
 pub mod cross_entropy;
 pub mod distill;
 pub mod dropout;
+mod few_rows;
 pub mod lora;
 mod math;
 pub mod rms_norm;
@@ -22,7 +23,6 @@ pub mod swiglu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
-use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Whether the fused kernels apply to `t`: f32 on the CPU.
@@ -86,74 +86,13 @@ pub(crate) fn frozen_product_t(
 ) -> Vec<f32> {
     match packed {
         Some(p) => bf16::product(x, rows, &p.forward),
-        None if rows <= FEW_ROWS => few_rows_product_t(x, rows, w, (out_dim, in_dim)),
+        None if rows <= few_rows::FEW_ROWS => few_rows::product_t(x, rows, w, (out_dim, in_dim)),
         None => gemm_par_new(
             (rows, out_dim, in_dim),
             Mat::rows(x, in_dim),
             Mat::transposed(w, in_dim),
             1.0,
         ),
-    }
-}
-
-/// Up to this many rows, [`frozen_product_t`] takes dot products instead of gemm: decoding
-/// multiplies one new token per prompt (8 rows at the eval's batch size), and there gemm
-/// packs the weight — read through a column stride — on every call, which costs several
-/// times the product (8 × 512 × 512: 335 µs against 44 µs for the same product from a
-/// contiguous Wᵀ; `perf` of `bench generate`: 60% of decoding in gemm's packing).
-const FEW_ROWS: usize = 16;
-
-/// `x Wᵀ` for a few rows: every output is the dot product of an input row and a weight row,
-/// both contiguous; the weight is read once, the rows stay in cache. Parallel over blocks
-/// of weight rows.
-fn few_rows_product_t(
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    (out_dim, in_dim): (usize, usize),
-) -> Vec<f32> {
-    const BLOCK: usize = 64;
-    // Transposed while computed, (out, rows): each task owns whole weight rows.
-    let mut y_t = vec![0f32; out_dim * rows];
-    y_t.par_chunks_mut(BLOCK * rows)
-        .zip(w.par_chunks(BLOCK * in_dim))
-        .for_each(|(y_block, w_block)| dot_rows(x, rows, w_block, in_dim, y_block));
-    let mut y = vec![0f32; rows * out_dim];
-    for (o, values) in y_t.chunks_exact(rows).enumerate() {
-        for (i, &v) in values.iter().enumerate() {
-            y[i * out_dim + o] = v;
-        }
-    }
-    y
-}
-
-/// `y_t[o·rows + i] = x_i · w_o` for the weight rows `w_o` of `w_block`. Up to 8 input rows
-/// at a time share each 16-value chunk of a weight row (8 independent sums in flight,
-/// the chunk loaded once), then each sum is reduced across its 16 lanes.
-#[multiversion(targets = "simd")]
-fn dot_rows(x: &[f32], rows: usize, w_block: &[f32], in_dim: usize, y_t: &mut [f32]) {
-    const GROUP: usize = 8;
-    const LANES: usize = 16;
-    let chunks = in_dim / LANES;
-    for (w_row, outs) in w_block.chunks_exact(in_dim).zip(y_t.chunks_exact_mut(rows)) {
-        for first in (0..rows).step_by(GROUP) {
-            let group = GROUP.min(rows - first);
-            let mut acc = [[0f32; LANES]; GROUP];
-            for c in 0..chunks {
-                let w = &w_row[c * LANES..(c + 1) * LANES];
-                for (r, sums) in acc.iter_mut().enumerate().take(group) {
-                    let xs = &x[(first + r) * in_dim + c * LANES..][..LANES];
-                    for ((s, &a), &b) in sums.iter_mut().zip(xs).zip(w) {
-                        *s += a * b;
-                    }
-                }
-            }
-            for (r, sums) in acc.iter().enumerate().take(group) {
-                let row = &x[(first + r) * in_dim..(first + r + 1) * in_dim];
-                let tail: f32 = (chunks * LANES..in_dim).map(|p| row[p] * w_row[p]).sum();
-                outs[first + r] = sums.iter().sum::<f32>() + tail;
-            }
-        }
     }
 }
 
@@ -368,15 +307,17 @@ mod tests {
     }
 
     /// The few-rows path of `frozen_product_t` against gemm, on both sides of the
-    /// threshold and with a partial block of weight rows (out 150 = 2 × 64 + 22). The same
-    /// products summed in another order: 1e-5 relative to the largest |value| (k = 70).
+    /// threshold, in every group size of the kernel (8, 4, 2, 1 rows), with a partial block
+    /// of weight rows (out 151 = 2 × 64 + 23: the last pair holds one row) and a tail past the
+    /// 16-lane chunks (k = 70 = 4 × 16 + 6). The same products summed in another order:
+    /// 1e-5 relative to the largest |value|.
     #[test]
     fn few_rows_products_match_gemm() {
-        let (out_dim, in_dim) = (150, 70);
+        let (out_dim, in_dim) = (151, 70);
         let w: Vec<f32> = (0..out_dim * in_dim)
             .map(|i| (i as f32 * 0.11).cos())
             .collect();
-        for rows in [1, 8, FEW_ROWS, FEW_ROWS + 1] {
+        for rows in [1, 5, 8, 11, few_rows::FEW_ROWS, few_rows::FEW_ROWS + 1] {
             let x: Vec<f32> = (0..rows * in_dim)
                 .map(|i| (i as f32 * 0.37).sin())
                 .collect();
