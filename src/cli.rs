@@ -61,6 +61,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Compare eval reports (eval-<label>.json): a table and a grouped bar chart.
     Compare(CompareArgs),
+    /// Recovery curves of several runs side by side (their checkpoint evaluations): a
+    /// markdown table and charts of pooled accuracy and perplexity against tokens.
+    Curves(CurvesArgs),
     /// Benchmarks: `recover bench train` times LoRA training steps on a fixed random model.
     Bench(crate::bench::BenchArgs),
     /// Run a pipeline over a grid of --set overrides, one run folder each, and summarize.
@@ -119,6 +122,19 @@ pub struct CompareArgs {
     pub reports: Vec<PathBuf>,
     /// The grouped bar chart.
     #[arg(long, default_value = "compare.svg")]
+    pub svg: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CurvesArgs {
+    /// Run folders of finetune stages with `checkpoint_eval` (their train-log.jsonl).
+    #[arg(required = true, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// A name for each run, in order, one `--label` per run (default: the folder names).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// The accuracy chart; the perplexity chart is written beside it (`-perplexity.svg`).
+    #[arg(long, default_value = "curves.svg")]
     pub svg: PathBuf,
 }
 
@@ -265,6 +281,7 @@ pub fn run(cli: Cli) -> Result<()> {
         (Some(Command::Merge(a)), _) => merge(a),
         (Some(Command::Eval(a)), _) => eval(a),
         (Some(Command::Compare(a)), _) => compare(a),
+        (Some(Command::Curves(a)), _) => curves(a),
         (Some(Command::Bench(a)), _) => crate::bench::run(a),
         (Some(Command::Sweep(a)), _) => sweep(a),
         (None, Some(file)) => {
@@ -435,6 +452,28 @@ fn compare(a: CompareArgs) -> Result<()> {
     println!("{}", compare::to_markdown(&rows));
     compare::bar_chart(&a.svg, &rows)?;
     eprintln!("chart: {}", a.svg.display());
+    Ok(())
+}
+
+fn curves(a: CurvesArgs) -> Result<()> {
+    use crate::train::curves;
+    if !a.labels.is_empty() && a.labels.len() != a.runs.len() {
+        bail!(
+            "{} --label values for {} run folders: give one per run, in order",
+            a.labels.len(),
+            a.runs.len()
+        );
+    }
+    let curves = a
+        .runs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| curves::read_curve(dir, a.labels.get(i).cloned()))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{}", curves::to_markdown(&curves));
+    for path in curves::plot(&a.svg, &curves)? {
+        eprintln!("chart: {}", path.display());
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod checkpoint_eval;
+pub mod curves;
 pub mod estimate;
 pub mod gradients;
 pub mod log;
