@@ -3,9 +3,9 @@
 //! column stride — on every call.
 //!
 //! Decoding is bound by reading the weights: SmolLM2-135M's are 537 MB in f32, read once per
-//! step for all the rows of a batch. The kernel takes two weight rows and up to 8 input
-//! rows at a time, so each weight chunk is loaded once per step and each input chunk once
-//! per pair of weight rows.
+//! step for all the rows of a batch. The AVX-512 kernel takes two weight rows and up to 8
+//! input rows at a time, so each weight chunk is loaded once per step and each input chunk
+//! once per pair of weight rows; elsewhere a portable loop takes one weight row at a time.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
