@@ -89,17 +89,12 @@ pub fn plot(svg: &Path, curves: &[Curve]) -> Result<Vec<PathBuf>> {
     let accuracy: Vec<Series> = curves
         .iter()
         .map(|c| Series {
-            name: c.label.clone(),
-            points: c
-                .points
-                .iter()
-                .map(|p| (p.1 as f64, pct(p.3.accuracy)))
-                .collect(),
             bars: c
                 .points
                 .iter()
                 .map(|p| (p.1 as f64, pct(p.3.ci95[0]), pct(p.3.ci95[1])))
                 .collect(),
+            ..series(c, |p| Some(pct(p.accuracy)))
         })
         .collect();
     let questions = curves.first().map_or(0, |c| c.points[0].3.questions);
@@ -113,15 +108,7 @@ pub fn plot(svg: &Path, curves: &[Curve]) -> Result<Vec<PathBuf>> {
     let mut wrote = vec![svg.to_path_buf()];
     let perplexity: Vec<Series> = curves
         .iter()
-        .map(|c| Series {
-            name: c.label.clone(),
-            points: c
-                .points
-                .iter()
-                .filter_map(|p| Some((p.1 as f64, p.3.perplexity?)))
-                .collect(),
-            ..Series::default()
-        })
+        .map(|c| series(c, |p| p.perplexity))
         .filter(|s| !s.points.is_empty())
         .collect();
     if !perplexity.is_empty() {
@@ -139,6 +126,19 @@ pub fn plot(svg: &Path, curves: &[Curve]) -> Result<Vec<PathBuf>> {
         wrote.push(path);
     }
     Ok(wrote)
+}
+
+/// A run's `value` at every point that has one, against training tokens.
+fn series(curve: &Curve, value: impl Fn(&EvalPoint) -> Option<f64>) -> Series {
+    Series {
+        name: curve.label.clone(),
+        points: curve
+            .points
+            .iter()
+            .filter_map(|p| Some((p.1 as f64, value(&p.3)?)))
+            .collect(),
+        ..Series::default()
+    }
 }
 
 #[cfg(test)]
