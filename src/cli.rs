@@ -156,6 +156,10 @@ pub struct EvalArgs {
     /// First N questions per task.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Leave out the first N questions of each task (before --limit): a confirmation set
+    /// disjoint from an evaluation of the first N.
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Folder of the task data (LLM-Adapters format).
@@ -427,6 +431,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     spec.limit = a.limit;
+    spec.skip = a.skip;
     spec.batch_size = a.batch_size;
     spec.data_dir = a.data_dir;
     spec.bos = a.bos;

@@ -12,11 +12,13 @@
 mod eval;
 mod generate;
 mod measure;
+mod products;
 mod shape;
 mod train;
 
 pub use eval::{bench_eval, EvalBenchReport, EvalBenchSpec};
 pub use generate::{bench_generate, GenerateBenchReport, GenerateBenchSpec};
+pub use products::{bench_products, ProductsBenchReport, ProductsBenchSpec};
 pub use shape::{BenchModelArgs, BenchShape};
 pub use train::{bench_train, TrainBenchReport, TrainBenchSpec};
 
@@ -47,6 +49,28 @@ pub enum BenchCommand {
     /// cache) on the same random model: 16 prompts of 64 tokens, 32 new tokens each, 8
     /// prompts per batch.
     Generate(BenchGenerateArgs),
+    /// Time each matrix product of a training step at the shape (every projection forward
+    /// and backward, the adapters', the head's) alone, on every kernel this CPU has (AMX,
+    /// AVX512-BF16, f32 gemm), against each kernel's ceiling measured on this machine.
+    Products(BenchProductsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchProductsArgs {
+    /// Rows of every product: a step's tokens (batch 8 × 128).
+    #[arg(long, default_value_t = 1024)]
+    pub rows: usize,
+    /// The adapters' rank.
+    #[arg(long, default_value_t = 32)]
+    pub rank: usize,
+    /// Timed calls per product and kernel (the fastest is reported).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    #[command(flatten)]
+    pub model: BenchModelArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +205,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..GenerateBenchSpec::default()
             };
             let report = bench_generate(&spec)?;
+            print_report(&report, &report.to_markdown(), a.json)
+        }
+        BenchCommand::Products(a) => {
+            let spec = ProductsBenchSpec {
+                model: a.model.spec(),
+                rows: a.rows,
+                rank: a.rank,
+                runs: a.runs,
+            };
+            let report = bench_products(&spec)?;
             print_report(&report, &report.to_markdown(), a.json)
         }
     }

@@ -114,6 +114,9 @@ impl ProtocolResult {
 pub struct EvalReport {
     pub label: String,
     pub data_dir: PathBuf,
+    /// Questions left out at the start of each task (`eval.skip`).
+    #[serde(default, skip_serializing_if = "super::spec::is_zero")]
+    pub skip: usize,
     pub limit: Option<usize>,
     pub sample: bool,
     pub seed: u64,
@@ -145,11 +148,14 @@ impl EvalReport {
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "## Commonsense evaluation: {}\n", self.label);
-        let limit = match self.limit {
+        let mut limit = match self.limit {
             Some(n) if self.sample => format!("a random {n} per task (seed {})", self.seed),
             Some(n) => format!("the first {n} per task"),
             None => "all".to_string(),
         };
+        if self.skip > 0 {
+            limit += &format!(", after the first {} of each task (`skip`)", self.skip);
+        }
         let _ = writeln!(s, "Questions: {limit}. Accuracy in %.\n");
         if self.cached {
             let _ = writeln!(

@@ -8,22 +8,25 @@ use super::spec::{EvalSpec, Protocol};
 use crate::data::{load_task, Question, Task};
 use crate::model::{Llama, TextTokenizer};
 use crate::progress;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Which questions of a task with `len` questions are evaluated: all, the first `limit`,
-/// or (`sample`) `limit` drawn at random with a generator seeded by `seed` and the task,
-/// returned in file order.
+/// Which questions of a task with `len` questions are evaluated: those after the first
+/// `skip` (a confirmation set disjoint from an evaluation of the first `skip`), then all of
+/// them, the first `limit`, or (`sample`) `limit` drawn at random with a generator seeded
+/// by `seed` and the task; returned in file order.
 pub fn select_questions(
     len: usize,
+    skip: usize,
     limit: Option<usize>,
     sample: bool,
     seed: u64,
     task: Task,
 ) -> Vec<usize> {
-    match limit {
+    let len = len.saturating_sub(skip);
+    let picked: Vec<usize> = match limit {
         Some(n) if n < len => {
             if sample {
                 let task_no = Task::ALL.iter().position(|t| *t == task).unwrap_or(0) as u64;
@@ -38,7 +41,8 @@ pub fn select_questions(
             }
         }
         _ => (0..len).collect(),
-    }
+    };
+    picked.into_iter().map(|i| i + skip).collect()
 }
 
 /// Answers `questions` of one task under `protocol` in batches of `spec.batch_size`,
@@ -122,11 +126,26 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
     for &protocol in &spec.protocol {
         let mut results = Vec::new();
         for (task, file, questions) in &loaded {
-            let picked: Vec<&Question> =
-                select_questions(questions.len(), spec.limit, spec.sample, seed, *task)
-                    .into_iter()
-                    .map(|i| &questions[i])
-                    .collect();
+            let picked: Vec<&Question> = select_questions(
+                questions.len(),
+                spec.skip,
+                spec.limit,
+                spec.sample,
+                seed,
+                *task,
+            )
+            .into_iter()
+            .map(|i| &questions[i])
+            .collect();
+            if picked.is_empty() {
+                bail!(
+                    "eval.skip = {} leaves no question of {} ({} in {}): lower it",
+                    spec.skip,
+                    task.name(),
+                    questions.len(),
+                    file.display()
+                );
+            }
             let (result, recs) =
                 evaluate_task(protocol, model, tok, spec, *task, file.clone(), &picked)?;
             results.push(result);
@@ -137,6 +156,7 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
     let report = EvalReport {
         label: spec.label.clone(),
         data_dir: spec.data_dir.clone(),
+        skip: spec.skip,
         limit: spec.limit,
         sample: spec.sample,
         seed,

@@ -42,6 +42,11 @@ pub struct EvalSpec {
     pub tasks: Vec<EvalTask>,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Leave out the first N questions of each task before `limit` or `sample` picks:
+    /// a confirmation set disjoint from an earlier evaluation of the first N (a recovery
+    /// curve's many looks at the same questions).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skip: usize,
     /// At most this many questions per task.
     #[serde(default)]
     pub limit: Option<usize>,
@@ -84,6 +89,9 @@ pub struct EvalSpec {
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("../shared/data/commonsense")
+}
+pub(crate) fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 fn default_batch_size() -> usize {
     8
@@ -199,6 +207,7 @@ impl EvalSpec {
             label: label.to_string(),
             tasks: tasks.into_iter().map(Into::into).collect(),
             data_dir: default_data_dir(),
+            skip: 0,
             limit: None,
             sample: false,
             batch_size: default_batch_size(),

@@ -89,7 +89,7 @@ pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
                 )
             }
             Stage::Eval(e) => format!(
-                "`{}`: {} ({:?}){}",
+                "`{}`: {} ({:?}){}{}",
                 e.label,
                 e.tasks
                     .iter()
@@ -98,7 +98,12 @@ pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
                     .join(", "),
                 e.protocol,
                 e.limit
-                    .map_or(String::new(), |l| format!(", first {l} questions"))
+                    .map_or(String::new(), |l| format!(", first {l} questions")),
+                if e.skip > 0 {
+                    format!(" after the first {}", e.skip)
+                } else {
+                    String::new()
+                }
             ),
             Stage::Inspect(Some(i)) => i
                 .reference

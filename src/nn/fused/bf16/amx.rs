@@ -139,3 +139,39 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
 
 /// Lines of a panel per k-step: 32 k-values are 16 lines of pairs.
 const LINES_PER_K_STEP: usize = TILE_K / 2;
+
+/// Multiply-adds (× 2 for FLOP) of one [`peak_loop`] iteration: four 16 × 16 × 32 tile
+/// products.
+pub(super) const PEAK_FLOP_PER_ITER: u64 = 4 * (TILE_M * TILE_N * TILE_K) as u64 * 2;
+
+/// `iters` × four independent `tdpbf16ps` on tiles that stay in place: no loads, no
+/// stores, so the time is the tile unit's throughput alone — the ceiling the kernel's
+/// products are measured against (`recover bench products`).
+///
+/// # Safety
+/// [`detect`] must have returned true.
+pub(super) unsafe fn peak_loop(iters: u64) {
+    let config = TileConfig::new();
+    asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "tilezero tmm4",
+        "tilezero tmm5",
+        "tilezero tmm6",
+        "tilezero tmm7",
+        options(nostack, nomem)
+    );
+    for _ in 0..iters {
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            options(nostack, nomem)
+        );
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}

@@ -80,3 +80,29 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
 fn low_bits(count: usize) -> __mmask16 {
     ((1u32 << count) - 1) as __mmask16
 }
+
+/// Accumulators of [`peak_loop`]: more independent chains than the instruction's latency
+/// × throughput (about 6 cycles × 2 per cycle on Zen 5, fewer on Intel) needs.
+const PEAK_CHAINS: usize = 16;
+
+/// FLOP of one [`peak_loop`] iteration: [`PEAK_CHAINS`] `vdpbf16ps`, each 16 lanes × 2
+/// products, multiply and add.
+pub(super) const PEAK_FLOP_PER_ITER: u64 = PEAK_CHAINS as u64 * 16 * 2 * 2;
+
+/// `iters` × [`PEAK_CHAINS`] independent `vdpbf16ps` on registers: no memory traffic, the
+/// ceiling the kernel's products are measured against (`recover bench products`).
+///
+/// # Safety
+/// [`detect`] must have returned true.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn peak_loop(iters: u64) {
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80));
+    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3c00_3c00));
+    let mut acc = [_mm512_setzero_ps(); PEAK_CHAINS];
+    for _ in 0..iters {
+        for sum in acc.iter_mut() {
+            *sum = _mm512_dpbf16_ps(*sum, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+}

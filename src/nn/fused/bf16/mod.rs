@@ -212,6 +212,34 @@ fn best_kernel() -> Bf16Kernel {
     Bf16Kernel::best().expect("bf16 products called on a CPU without a bf16 kernel")
 }
 
+/// Runs `kernel`'s instruction `iters` times over (a fixed number of independent chains
+/// per iteration) on operands held in registers or tiles, on the calling thread, and
+/// returns the FLOP done: the time it takes is the kernel's ceiling on this CPU (`recover
+/// bench products`). `kernel` must be one of [`Bf16Kernel::available`].
+pub fn peak_loop(kernel: Bf16Kernel, iters: u64) -> u64 {
+    assert!(
+        Bf16Kernel::available().contains(&kernel),
+        "bf16: {kernel} is not available on this CPU"
+    );
+    // SAFETY: `available` says the CPU has the kernel's instructions (and, for AMX, the
+    // tile state).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match kernel {
+            Bf16Kernel::Amx => {
+                amx::peak_loop(iters);
+                iters * amx::PEAK_FLOP_PER_ITER
+            }
+            Bf16Kernel::Avx512 => {
+                avx512::peak_loop(iters);
+                iters * avx512::PEAK_FLOP_PER_ITER
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no bf16 kernel off x86_64")
+}
+
 /// [`product`] with a given kernel, which must be one of [`Bf16Kernel::available`].
 pub fn product_with(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
     let mut dst = Vec::<f32>::with_capacity(m * rhs.n);
