@@ -115,6 +115,15 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
     for &task in &tasks {
         let file = task.test_file(&spec.data_dir)?;
         let questions = load_task(task, &spec.data_dir)?;
+        if questions.len() <= spec.skip {
+            bail!(
+                "eval.skip = {} leaves no question of {} ({} in {}): lower it",
+                spec.skip,
+                task.name(),
+                questions.len(),
+                file.display()
+            );
+        }
         loaded.push((task, file, questions));
     }
     let perplexity = match spec.ppl() {
@@ -137,15 +146,6 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
             .into_iter()
             .map(|i| &questions[i])
             .collect();
-            if picked.is_empty() {
-                bail!(
-                    "eval.skip = {} leaves no question of {} ({} in {}): lower it",
-                    spec.skip,
-                    task.name(),
-                    questions.len(),
-                    file.display()
-                );
-            }
             let (result, recs) =
                 evaluate_task(protocol, model, tok, spec, *task, file.clone(), &picked)?;
             results.push(result);
