@@ -66,6 +66,10 @@ pub struct BenchProductsArgs {
     /// Timed calls per product and kernel (the fastest is reported).
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// Only the products whose name contains this text (`dA`, `down_proj`, `lm_head`):
+    /// one product alone under `perf`.
+    #[arg(long, value_name = "TEXT")]
+    pub only: Option<String>,
     #[command(flatten)]
     pub model: BenchModelArgs,
     /// Print one JSON object instead of the table.
@@ -213,6 +217,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 rows: a.rows,
                 rank: a.rank,
                 runs: a.runs,
+                only: a.only.clone(),
             };
             let report = bench_products(&spec)?;
             print_report(&report, &report.to_markdown(), a.json)

@@ -7,7 +7,7 @@
 
 use super::TrainBenchSpec;
 use crate::nn::fused::bf16::{self, Bf16Kernel, PackedRhs};
-use crate::nn::fused::{frozen_product, frozen_product_t};
+use crate::nn::fused::{frozen_product, frozen_product_t, product_tn};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -25,6 +25,8 @@ pub struct ProductsBenchSpec {
     pub rank: usize,
     /// Timed calls per product and kernel (the fastest is reported).
     pub runs: usize,
+    /// Only the products whose name contains this text.
+    pub only: Option<String>,
 }
 
 /// A kernel a product can run on.
@@ -71,6 +73,10 @@ pub enum Operand {
     Forward,
     /// `dy W`: the input's gradient (n = in, k = out).
     Backward,
+    /// `aᵀ b` summed over the rows: an adapter's weight gradient (`uᵀ drop(x)` for dA,
+    /// `downᵀ dy` for dB; m = r, n = in or out, k = rows), its (rows × in or out)
+    /// operand packed on every call as the step does.
+    WeightGradient,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,11 +114,11 @@ pub struct ProductsBenchReport {
     pub products: Vec<ProductTiming>,
 }
 
-/// The products of one training step of `spec.model`, by projection: (name, n, k of the
-/// forward product `x Wᵀ`), then the adapters' and the head's.
-fn step_products(spec: &ProductsBenchSpec) -> Vec<(String, usize, usize, Operand)> {
+/// The products of one training step of `spec.model`, by projection: (name, m, n, k),
+/// then the adapters' and the head's.
+fn step_products(spec: &ProductsBenchSpec) -> Vec<(String, usize, usize, usize, Operand)> {
     let s = &spec.model;
-    let (h, m, r) = (s.hidden, s.intermediate, spec.rank);
+    let (h, m, r, rows) = (s.hidden, s.intermediate, spec.rank, spec.rows);
     let kv = s.kv_heads * (s.hidden / s.heads);
     let mut v = Vec::new();
     for (name, out, inp) in [
@@ -121,12 +127,37 @@ fn step_products(spec: &ProductsBenchSpec) -> Vec<(String, usize, usize, Operand
         ("gate_proj, up_proj", m, h),
         ("down_proj", h, m),
     ] {
-        v.push((format!("{name}: x Wᵀ"), out, inp, Operand::Forward));
-        v.push((format!("{name}: dy W"), inp, out, Operand::Backward));
+        v.push((format!("{name}: x Wᵀ"), rows, out, inp, Operand::Forward));
+        v.push((format!("{name}: dy W"), rows, inp, out, Operand::Backward));
     }
-    v.push((format!("adapter A (r {r}): x Aᵀ"), r, h, Operand::Forward));
-    v.push((format!("adapter B (r {r}): u Bᵀ"), h, r, Operand::Forward));
-    v.push(("lm_head: x Eᵀ".to_string(), s.vocab, h, Operand::Forward));
+    v.push((
+        format!("adapter A (r {r}): x Aᵀ"),
+        rows,
+        r,
+        h,
+        Operand::Forward,
+    ));
+    v.push((
+        format!("adapter B (r {r}): u Bᵀ"),
+        rows,
+        h,
+        r,
+        Operand::Forward,
+    ));
+    v.push((
+        format!("adapter dA, dB (r {r}): uᵀ x"),
+        r,
+        h,
+        rows,
+        Operand::WeightGradient,
+    ));
+    v.push((
+        "lm_head: x Eᵀ".to_string(),
+        rows,
+        s.vocab,
+        h,
+        Operand::Forward,
+    ));
     v
 }
 
@@ -141,31 +172,57 @@ pub fn bench_products(spec: &ProductsBenchSpec) -> Result<ProductsBenchReport> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.model.seed);
     let mut random =
         |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-    let rows = spec.rows;
     let mut products = Vec::new();
-    for (name, n, k, operand) in step_products(spec) {
-        let lhs = random(rows * k);
-        // The weight as the model holds it: out × in.
+    let all = step_products(spec);
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|p| {
+            spec.only
+                .as_ref()
+                .is_none_or(|text| p.0.contains(text.as_str()))
+        })
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = all.iter().map(|p| p.0.as_str()).collect();
+        bail!(
+            "bench products: no product's name contains {:?}; --only takes part of one of: {}",
+            spec.only.as_deref().unwrap_or_default(),
+            names.join("; ")
+        );
+    }
+    for (name, m, n, k, operand) in chosen {
+        let lhs = random(m * k);
+        // The right operand: a weight as the model holds it (out × in), or the (rows × r)
+        // activation of a weight gradient.
         let (out_dim, in_dim) = match operand {
             Operand::Forward => (n, k),
-            Operand::Backward => (k, n),
+            Operand::Backward | Operand::WeightGradient => (k, n),
         };
         let w = random(out_dim * in_dim);
-        let flop = 2.0 * (rows * n * k) as f64;
+        let flop = 2.0 * (m * n * k) as f64;
         let mut timings = Vec::new();
         for &(kernel, peak) in &ceilings {
-            let best_s = match kernel {
-                ProductKernel::Bf16(b) => {
+            let bf16 = match kernel {
+                ProductKernel::Bf16(b) => Some(b),
+                ProductKernel::F32 => None,
+            };
+            let best_s = match (operand, bf16) {
+                // The lhs is read transposed: (k × m) holds it.
+                (Operand::WeightGradient, _) => {
+                    best_time(spec.runs, || product_tn(&lhs, m, &w, n, 1.0, bf16))
+                }
+                (_, Some(b)) => {
                     // Packing is the model's once-per-weight work: outside the timing.
                     let packed = match operand {
                         Operand::Forward => PackedRhs::for_product_t(&w, out_dim, in_dim),
-                        Operand::Backward => PackedRhs::for_product(&w, out_dim, in_dim),
+                        _ => PackedRhs::for_product(&w, out_dim, in_dim),
                     };
-                    best_time(spec.runs, || bf16::product_with(b, &lhs, rows, &packed))
+                    best_time(spec.runs, || bf16::product_with(b, &lhs, m, &packed))
                 }
-                ProductKernel::F32 => best_time(spec.runs, || match operand {
-                    Operand::Forward => frozen_product_t(&lhs, rows, &w, (out_dim, in_dim), None),
-                    Operand::Backward => frozen_product(&lhs, rows, &w, (out_dim, in_dim), None),
+                (_, None) => best_time(spec.runs, || match operand {
+                    Operand::Forward => frozen_product_t(&lhs, m, &w, (out_dim, in_dim), None),
+                    _ => frozen_product(&lhs, m, &w, (out_dim, in_dim), None),
                 }),
             };
             let gflops = flop / best_s / 1e9;
@@ -178,7 +235,7 @@ pub fn bench_products(spec: &ProductsBenchSpec) -> Result<ProductsBenchReport> {
         }
         products.push(ProductTiming {
             name,
-            m: rows,
+            m,
             n,
             k,
             operand,
@@ -292,8 +349,9 @@ impl ProductsBenchReport {
         let _ = writeln!(
             s,
             "## bench products: {} rows, {} threads\n\nShape: {}. Each product's fastest of {} \
-             calls (output freshly allocated; the weight packed beforehand, as the model does \
-             once), in GFLOP/s and as a share of the kernel's ceiling on this machine (its \
+             calls (output freshly allocated; a weight packed beforehand, as the model does \
+             once; a weight gradient's activation packed in the timing, as every step does), \
+             in GFLOP/s and as a share of the kernel's ceiling on this machine (its \
              instruction back to back on registers or tiles, every thread at once).\n",
             self.spec.rows,
             self.threads,
@@ -341,13 +399,14 @@ mod tests {
             rows: 1024,
             rank: 32,
             runs: 1,
+            only: None,
         };
         let products = step_products(&spec);
         let find = |name: &str| {
             products
                 .iter()
                 .find(|p| p.0 == name)
-                .map(|p| (p.1, p.2, p.3))
+                .map(|p| (p.2, p.3, p.4))
                 .unwrap_or_else(|| panic!("{name} missing"))
         };
         // SmolLM2: hidden 576, 3 kv heads of 64, MLP 1536, vocab 49152.
@@ -360,7 +419,11 @@ mod tests {
         );
         assert_eq!(find("adapter B (r 32): u Bᵀ"), (576, 32, Operand::Forward));
         assert_eq!(find("lm_head: x Eᵀ"), (49152, 576, Operand::Forward));
-        assert_eq!(products.len(), 11);
+        assert_eq!(
+            find("adapter dA, dB (r 32): uᵀ x"),
+            (576, 1024, Operand::WeightGradient)
+        );
+        assert_eq!(products.len(), 12);
     }
 
     #[test]
@@ -377,9 +440,10 @@ mod tests {
             rows: 32,
             rank: 8,
             runs: 2,
+            only: None,
         };
         let report = bench_products(&spec).unwrap();
-        assert_eq!(report.products.len(), 11);
+        assert_eq!(report.products.len(), 12);
         for p in &report.products {
             assert_eq!(p.kernels.len(), ProductKernel::available().len());
             for t in &p.kernels {

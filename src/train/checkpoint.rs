@@ -51,7 +51,7 @@ pub fn save(
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     candle_core::safetensors::save(&adapter, tmp.join("adapter_model.safetensors"))?;
-    candle_core::safetensors::save(&opt.state_tensors(), tmp.join("optimizer.safetensors"))?;
+    candle_core::safetensors::save(&opt.state_tensors()?, tmp.join("optimizer.safetensors"))?;
     fsx::write_json(&tmp.join("state.json"), state)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;

@@ -15,8 +15,10 @@ use rora::model::mlp::{silu_mul, silu_mul_composite};
 use rora::model::norm::RmsNorm;
 use rora::model::rope::{apply_rotary, apply_rotary_composite};
 use rora::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use rora::nn::fused::bf16::Bf16Kernel;
 use rora::nn::fused::cross_entropy::head_target_log_probs;
 use rora::nn::fused::dropout::{dropout, DropoutMask};
+use rora::nn::fused::lora::BF16_GRAD_MIN_RANK;
 use rora::nn::{LoraAdapter, Mode};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -255,7 +257,7 @@ fn bf16_rounded(t: &Tensor) -> Tensor {
 /// The adapter's products with A or B on the right are bf16 too (as under PyTorch's
 /// autocast; from rank 32), intermediates included: `d = round(x) round(A)ᵀ` and
 /// `u = γ round(dy) round(B)` are rounded again where they enter the next product; dA and
-/// dB stay f32. Tolerances as for the f32 kernels (the same exact products summed in
+/// dB are f32 below `BF16_GRAD_MIN_RANK` and on AMX from it `round(u)ᵀ x`, `γ dyᵀ round(d)`. Tolerances as for the f32 kernels (the same exact products summed in
 /// another order). For the adapter, x, A, B and dy lie on a grid of sixteenths: every
 /// product and partial sum of `d` and `u` is then exact in f32, so both sides round the
 /// same intermediate values (from f32 sums that merely agreed to ~1e-7, a sum within that
@@ -288,60 +290,78 @@ fn bf16_products_are_f32_products_of_rounded_operands() {
     );
     assert_close("frozen projection, bf16", (out, grad));
 
-    // With a LoRA update (no dropout), γ = 2, rank 32, on grid inputs.
+    // With a LoRA update (no dropout), γ = 2, on grid inputs: at rank 32 (dA, dB in f32)
+    // and at BF16_GRAD_MIN_RANK (dA, dB in bf16 too where the kernel is AMX).
     let grid = |t: &Tensor| ((t * 8.0).unwrap().round().unwrap() / 16.0).unwrap();
-    let rank = 32;
     let x = Var::from_tensor(&grid(x.as_tensor())).unwrap();
     let probe = grid(&probe);
-    let (x_r, probe_r) = (x.as_tensor().clone(), probe.clone());
-    let adapter = LoraAdapter {
-        a: Var::from_tensor(&grid(&randn(&[rank, in_dim], 24))).unwrap(),
-        b: Var::from_tensor(&grid(&randn(&[out_dim, rank], 25))).unwrap(),
-        scale: 2.0,
-        dropout: 0.0,
-        id: 1,
-    };
-    let want_y = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
-    let want_dx = probe_r.broadcast_matmul(&w_r).unwrap();
-    let y = adapter.forward(&x, &weight, Mode::Eval).unwrap();
-    let grads = (&y * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let (a_r, b_r) = (
-        bf16_rounded(adapter.a.as_tensor()),
-        bf16_rounded(adapter.b.as_tensor()),
-    );
-    let rows = |t: &Tensor| t.flatten_to(1).unwrap();
-    // y = round(x) round(W)ᵀ + γ round(d) round(B)ᵀ, d = round(x) round(A)ᵀ
-    let d = x_r.broadcast_matmul(&a_r.t().unwrap()).unwrap();
-    assert!(
-        max_abs_diff(&bf16_rounded(&d), &d) > 0.0,
-        "the grid inputs must leave d with more bits than bf16 keeps"
-    );
-    let want_y = (&want_y
-        + (bf16_rounded(&d)
-            .broadcast_matmul(&b_r.t().unwrap())
+    for (rank, seed) in [(32, 24), (BF16_GRAD_MIN_RANK, 26)] {
+        let (x_r, probe_r) = (x.as_tensor().clone(), probe.clone());
+        let adapter = LoraAdapter {
+            a: Var::from_tensor(&grid(&randn(&[rank, in_dim], seed))).unwrap(),
+            b: Var::from_tensor(&grid(&randn(&[out_dim, rank], seed + 1))).unwrap(),
+            scale: 2.0,
+            dropout: 0.0,
+            id: 1,
+        };
+        let want_y = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
+        let want_dx = probe_r.broadcast_matmul(&w_r).unwrap();
+        let y = adapter.forward(&x, &weight, Mode::Eval).unwrap();
+        let grads = (&y * &probe)
             .unwrap()
-            * 2.0)
-            .unwrap())
-    .unwrap();
-    // u = γ round(dy) round(B); dx = round(dy) round(W) + round(u) round(A)
-    let u = (probe_r.broadcast_matmul(&b_r).unwrap() * 2.0).unwrap();
-    let want_dx = (&want_dx + bf16_rounded(&u).broadcast_matmul(&a_r).unwrap()).unwrap();
-    // In f32: dA = uᵀ x, dB = γ dyᵀ d
-    let want_da = rows(&u).t().unwrap().matmul(&rows(x.as_tensor())).unwrap();
-    let want_db = (rows(&probe).t().unwrap().matmul(&rows(&d)).unwrap() * 2.0).unwrap();
-    let worst = [
-        relative(grads.get(&x).unwrap(), &want_dx),
-        relative(grads.get(&adapter.a).unwrap(), &want_da),
-        relative(grads.get(&adapter.b).unwrap(), &want_db),
-    ]
-    .into_iter()
-    .fold(0f32, f32::max);
-    assert_close("lora, bf16 products", (relative(&y, &want_y), worst));
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a_r, b_r) = (
+            bf16_rounded(adapter.a.as_tensor()),
+            bf16_rounded(adapter.b.as_tensor()),
+        );
+        let rows = |t: &Tensor| t.flatten_to(1).unwrap();
+        // y = round(x) round(W)ᵀ + γ round(d) round(B)ᵀ, d = round(x) round(A)ᵀ
+        let d = x_r.broadcast_matmul(&a_r.t().unwrap()).unwrap();
+        assert!(
+            max_abs_diff(&bf16_rounded(&d), &d) > 0.0,
+            "the grid inputs must leave d with more bits than bf16 keeps"
+        );
+        let want_y = (&want_y
+            + (bf16_rounded(&d)
+                .broadcast_matmul(&b_r.t().unwrap())
+                .unwrap()
+                * 2.0)
+                .unwrap())
+        .unwrap();
+        // u = γ round(dy) round(B); dx = round(dy) round(W) + round(u) round(A)
+        let u = (probe_r.broadcast_matmul(&b_r).unwrap() * 2.0).unwrap();
+        assert!(
+            max_abs_diff(&bf16_rounded(&u), &u) > 0.0,
+            "the grid inputs must leave u with more bits than bf16 keeps"
+        );
+        let want_dx = (&want_dx + bf16_rounded(&u).broadcast_matmul(&a_r).unwrap()).unwrap();
+        // dA = uᵀ x, dB = γ dyᵀ d: in f32, or from bf16-rounded u and d (x and dy are on
+        // the grid, exact in bf16) where they run in bf16.
+        let grads_in_bf16 =
+            rank >= BF16_GRAD_MIN_RANK && Bf16Kernel::best() == Some(Bf16Kernel::Amx);
+        let (u_w, d_w) = match grads_in_bf16 {
+            true => (bf16_rounded(&u), bf16_rounded(&d)),
+            false => (u.clone(), d.clone()),
+        };
+        let want_da = rows(&u_w)
+            .t()
+            .unwrap()
+            .matmul(&rows(x.as_tensor()))
+            .unwrap();
+        let want_db = (rows(&probe).t().unwrap().matmul(&rows(&d_w)).unwrap() * 2.0).unwrap();
+        let worst = [
+            relative(grads.get(&x).unwrap(), &want_dx),
+            relative(grads.get(&adapter.a).unwrap(), &want_da),
+            relative(grads.get(&adapter.b).unwrap(), &want_db),
+        ]
+        .into_iter()
+        .fold(0f32, f32::max);
+        let label = format!("lora rank {rank}, bf16 products (dA, dB bf16: {grads_in_bf16})");
+        assert_close(&label, (relative(&y, &want_y), worst));
+    }
 }
 
 /// The output head with packed bf16 weights: log-probs of `round(h) round(W)ᵀ`, and the

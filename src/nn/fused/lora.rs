@@ -12,22 +12,35 @@
 //! rank 32, the adapter's products whose right operand is A or B (`d`, `γ d Bᵀ`, `u`, `u A`), as
 //! PyTorch's bf16 autocast runs them: A and B change every step, so their bf16 copies are
 //! packed per call (r × in and out × r values, small next to the products). The two
-//! weight gradients (dA, dB) stay f32: their right operand is (rows × in) or (rows × out),
-//! and packing that on every call cost more than the bf16 product saved (measured:
-//! docs/performance.md, round 5).
+//! weight gradients (dA, dB) are bf16 on AMX from rank 64 only: their right operand is an
+//! activation (rows × in or out) packed on every call, which costs more than the bf16
+//! product saves at lower ranks and on AVX512-BF16 (measured: docs/performance.md, rounds
+//! 5 and 7). `drop(x) Aᵀ` is kept from the forward pass for the backward's dB.
 
-use super::bf16::{self, PackedRhs};
+use super::bf16::{self, Bf16Kernel, PackedRhs};
 use super::dropout::DropoutMask;
-use super::{cpu_f32, frozen_product, frozen_product_t, gemm_par, gemm_par_new, with_f32, Mat};
+use super::{
+    cpu_f32, frozen_product, frozen_product_t, gemm_par, gemm_par_new, product_tn, with_f32, Mat,
+};
 use crate::nn::frozen::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
+use std::sync::Mutex;
 
 /// The smallest rank whose A and B products run in bf16 (in bf16 mode). The kernels work
 /// in blocks of 32 columns, so `drop(x) Aᵀ` and `dy B` (r columns) at rank 8 compute 4×
 /// what they keep; measured (bf16, dropout 0, 3 alternating rounds against f32 adapter
 /// products): rank 8 0.95× on both shapes, rank 128 1.05× (default) and 1.06× (SmolLM2).
 const BF16_MIN_RANK: usize = 32;
+
+/// The smallest rank whose weight gradients (dA, dB) run in bf16 (in bf16 mode, on AMX
+/// only). Their right operand is an activation (rows × in or out) packed on every call,
+/// work that does not shrink with the rank while the product does. Measured (`recover
+/// bench products --only dA`, 1,024 rows, GFLOP/s AMX against f32 gemm, packing included):
+/// rank 32 146 / 158 (SmolLM2's shape) and 119 / 164 (default), rank 64 201 / 168 and
+/// 177 / 160, rank 128 307 / 194 and 298 / 196. AVX512-BF16 is slower than f32 gemm here
+/// at every rank (69–132), so without tiles they stay f32.
+pub const BF16_GRAD_MIN_RANK: usize = 64;
 
 /// `x`: (..., in), `weight`: (out, in), `a`: (r, in), `b`: (out, r), all f32 on the CPU →
 /// (..., out). `dropout`: the mask on the update's input, if any.
@@ -66,6 +79,9 @@ pub(crate) struct LoraOp {
     shape: (usize, usize, usize, usize),
     scale: f32,
     dropout: Option<DropoutMask>,
+    /// `drop(x) Aᵀ` from the forward pass, for the backward pass's `dB` (taken there; a
+    /// backward pass without it computes it again).
+    saved_down: Mutex<Option<Vec<f32>>>,
 }
 
 impl LoraOp {
@@ -95,6 +111,7 @@ impl LoraOp {
             shape: (rows, in_dim, out_dim, rank),
             scale: scale as f32,
             dropout,
+            saved_down: Mutex::new(None),
         })
     }
 
@@ -122,6 +139,38 @@ impl LoraOp {
     fn dy_b(&self, dy: &[f32], b: &[f32]) -> Vec<f32> {
         let (_, _, out_dim, rank) = self.shape;
         self.product(dy, out_dim, Mat::rows(b, rank), rank, self.scale)
+    }
+
+    /// The adapter's weight gradients `(dA, dB)`: `dA = uᵀ drop(x)` (r, in) and
+    /// `dB = γ · dyᵀ down` (out, r), both summed over the rows. In bf16 from rank
+    /// [`BF16_GRAD_MIN_RANK`], dB as `(γ · downᵀ dy)ᵀ`, so that in both the (rows × r)
+    /// operand is the left one (converted as it is read, transposed) and the activation
+    /// (rows × in or out) the right one, packed on the call.
+    fn weight_gradients(
+        &self,
+        dy: &[f32],
+        xd: &[f32],
+        down: &[f32],
+        u: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (_, in_dim, out_dim, rank) = self.shape;
+        let kernel = match self.weight.packed() {
+            Some(_) if rank >= BF16_GRAD_MIN_RANK => {
+                Bf16Kernel::best().filter(|k| *k == Bf16Kernel::Amx)
+            }
+            _ => None,
+        };
+        let da = product_tn(u, rank, xd, in_dim, 1.0, kernel);
+        let db = match kernel {
+            // As (γ · downᵀ dy)ᵀ: the activation is the operand packed, in vector code.
+            Some(_) => transpose(
+                &product_tn(down, rank, dy, out_dim, self.scale, kernel),
+                rank,
+                out_dim,
+            ),
+            None => product_tn(dy, out_dim, down, rank, self.scale, None),
+        };
+        (da, db)
     }
 
     /// `scale · lhs (rows × k) · rhs (k × n)`, new: the products with A or B on the right.
@@ -185,6 +234,9 @@ impl CustomOp3 for LoraOp {
             &mut y,
             self.scale,
         );
+        if let Ok(mut saved) = self.saved_down.lock() {
+            *saved = Some(down);
+        }
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
 
@@ -218,29 +270,11 @@ impl LoraOp {
                     with_f32(grad_y, n, |dy| {
                         with_f32(self.weight.tensor(), n, |w| {
                             let xd = self.dropped(x);
-                            let down = self.down(&xd, a);
-                            // dB = γ · dyᵀ down  (out, r)
-                            let mut db = vec![0f32; out_dim * rank];
-                            gemm_par(
-                                (out_dim, rank, rows),
-                                &mut db,
-                                false,
-                                Mat::transposed(dy, out_dim),
-                                Mat::rows(&down, rank),
-                                self.scale,
-                            );
+                            let down = self.saved_down.lock().ok().and_then(|mut d| d.take());
+                            let down = down.unwrap_or_else(|| self.down(&xd, a));
                             // u = γ · dy B  (rows, r)
                             let u = self.dy_b(dy, b);
-                            // dA = uᵀ drop(x)  (r, in)
-                            let mut da = vec![0f32; rank * in_dim];
-                            gemm_par(
-                                (rank, in_dim, rows),
-                                &mut da,
-                                false,
-                                Mat::transposed(&u, rank),
-                                Mat::rows(&xd, in_dim),
-                                1.0,
-                            );
+                            let (da, db) = self.weight_gradients(dy, &xd, &down, &u);
                             // dx = dy W + mask ⊙ (u A)
                             let mut dx = frozen_product(
                                 dy,
@@ -277,4 +311,15 @@ impl LoraOp {
             Some(Tensor::from_vec(db, b.shape(), device)?),
         ))
     }
+}
+
+/// `m` (rows × cols, row-major) transposed.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in m.chunks_exact(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
 }

@@ -96,6 +96,37 @@ pub(crate) fn frozen_product_t(
     }
 }
 
+/// `scale · lhs_tᵀ · rhs` for `lhs_t` (k × m) and `rhs` (k × n), both row-major: a
+/// product summed over a step's k rows, as a weight gradient is. On `kernel` (bf16
+/// inputs, `rhs` packed on the call, `lhs_t` converted as it is read) or, with `None`,
+/// in f32.
+pub(crate) fn product_tn(
+    lhs_t: &[f32],
+    m: usize,
+    rhs: &[f32],
+    n: usize,
+    scale: f32,
+    kernel: Option<bf16::Bf16Kernel>,
+) -> Vec<f32> {
+    let k = lhs_t.len() / m.max(1);
+    match kernel {
+        Some(kernel) => {
+            let packed = bf16::PackedRhs::pack(Mat::rows(rhs, n), k, n);
+            let mut y = bf16::product_t_with(kernel, lhs_t, m, &packed);
+            if scale != 1.0 {
+                y.iter_mut().for_each(|v| *v *= scale);
+            }
+            y
+        }
+        None => gemm_par_new(
+            (m, n, k),
+            Mat::transposed(lhs_t, m),
+            Mat::rows(rhs, n),
+            scale,
+        ),
+    }
+}
+
 /// `dy W` for `dy` (rows × out): the input gradient of [`frozen_product_t`].
 pub(crate) fn frozen_product(
     dy: &[f32],

@@ -19,6 +19,7 @@ mod avx512;
 use super::Mat;
 use multiversion::multiversion;
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 /// Rows of a C or A tile.
@@ -115,6 +116,30 @@ fn convert_row(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// The lines of one packed panel from a row-major operand whose panel is 16 columns
+/// wide, from `col` on: each line two rows' 16 values in bf16, interleaved (`r0[0],
+/// r1[0], r0[1], …`), as u32 lanes (r0 low, r1 high) so that the loop vectorises without
+/// shuffles. `lines` gets the `k / 2` full pairs; an odd last row is the caller's. What
+/// makes packing an activation on every call (a weight gradient's `x` or `dy`) cheap next
+/// to its product: element by element it took four times as long as the product.
+#[multiversion(targets = "simd")]
+fn pack_panel_pairs(data: &[f32], row_stride: usize, col: usize, k: usize, lines: &mut [Line]) {
+    for (pair, line) in lines.iter_mut().take(k / 2).enumerate() {
+        let r0 = &data[2 * pair * row_stride + col..][..TILE_N];
+        let r1 = &data[(2 * pair + 1) * row_stride + col..][..TILE_N];
+        // SAFETY: a `Line` is 64 bytes aligned to 64: 16 u32 fit it exactly.
+        let words = unsafe { &mut *line.0.as_mut_ptr().cast::<[u32; TILE_N]>() };
+        for j in 0..TILE_N {
+            let (lo, hi) = (to_bf16(r0[j]) as u32, to_bf16(r1[j]) as u32);
+            words[j] = if cfg!(target_endian = "little") {
+                lo | hi << 16
+            } else {
+                hi | lo << 16
+            };
+        }
+    }
+}
+
 /// The right operand (k × n) of a product, rounded to bf16 and packed for the tiles:
 /// panels of 16 columns, each `k/2` rows of 16 (k, k+1) pairs, k padded to 32 and n to
 /// 32 with zeros.
@@ -146,8 +171,16 @@ impl PackedRhs {
             .enumerate()
             .for_each(|(panel, lines)| {
                 let cols = (panel * TILE_N)..n.min((panel + 1) * TILE_N);
+                let vectorised = rhs.col_stride == 1 && cols.len() == TILE_N;
+                if vectorised {
+                    pack_panel_pairs(rhs.data, rhs.row_stride, cols.start, k, lines);
+                }
                 for (pair, line) in lines.iter_mut().enumerate() {
-                    for p in (2 * pair)..k.min(2 * pair + 2) {
+                    let p = 2 * pair;
+                    if vectorised && p + 1 < k {
+                        continue;
+                    }
+                    for p in p..k.min(p + 2) {
                         for (j, col) in cols.clone().enumerate() {
                             let v = rhs.data[p * rhs.row_stride + col * rhs.col_stride];
                             line.0[2 * j + p % 2] = to_bf16(v);
@@ -242,6 +275,11 @@ pub fn peak_loop(kernel: Bf16Kernel, iters: u64) -> u64 {
 
 /// [`product`] with a given kernel, which must be one of [`Bf16Kernel::available`].
 pub fn product_with(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    product_new(kernel, Mat::rows(lhs, rhs.k), m, rhs)
+}
+
+/// `lhs (m × k) · rhs` into a new (m × n) vector.
+fn product_new(kernel: Bf16Kernel, lhs: Mat, m: usize, rhs: &PackedRhs) -> Vec<f32> {
     let mut dst = Vec::<f32>::with_capacity(m * rhs.n);
     let out = Out {
         ptr: dst.as_mut_ptr(),
@@ -269,7 +307,20 @@ pub fn product_add_with(
         n: rhs.n,
         add_scaled: Some(scale),
     };
-    run(kernel, lhs, m, rhs, out);
+    run(kernel, Mat::rows(lhs, rhs.k), m, rhs, out);
+}
+
+/// `lhs_tᵀ · rhs` for `lhs_t` (k × m, row-major): the weight gradients' products, whose
+/// left operand is an activation read down its columns (`dyᵀ d`, `xᵀ u`, summed over the
+/// step's rows). The same kernels as [`product`]; only the conversion of the left operand
+/// to bf16 reads it transposed.
+pub fn product_t(lhs_t: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    product_t_with(best_kernel(), lhs_t, m, rhs)
+}
+
+/// [`product_t`] with a given kernel, which must be one of [`Bf16Kernel::available`].
+pub fn product_t_with(kernel: Bf16Kernel, lhs_t: &[f32], m: usize, rhs: &PackedRhs) -> Vec<f32> {
+    product_new(kernel, Mat::transposed(lhs_t, m), m, rhs)
 }
 
 /// Where the kernels put their sums: rows of `ptr` (row-major, `n` wide), stored as they
@@ -285,28 +336,21 @@ struct Out {
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Runs `kernel` over the row blocks of `lhs · rhs`, writing every value of rows 0..m of
-/// `out`, whose `ptr` must be valid for m × n values and alias neither operand.
-fn run(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs, out: Out) {
+/// Runs `kernel` over the row blocks of `lhs (m × k) · rhs`, writing every value of rows
+/// 0..m of `out`, whose `ptr` must be valid for m × n values and alias neither operand.
+fn run(kernel: Bf16Kernel, lhs: Mat, m: usize, rhs: &PackedRhs, out: Out) {
     assert!(
         Bf16Kernel::available().contains(&kernel),
         "bf16 products: this CPU has no {kernel} kernel"
     );
     let k = rhs.k;
-    assert!(lhs.len() >= m * k, "bf16: lhs too small");
+    assert!(lhs.data.len() >= lhs.extent(m, k), "bf16: lhs too small");
     let lines_per_row = rhs.k_pad / TILE_K;
     (0..m.div_ceil(BLOCK_M)).into_par_iter().for_each(|block| {
         let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
         // This block's rows of lhs in bf16: (32 × k_pad), zero-padded.
         let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
-        for (r, i) in rows.clone().enumerate() {
-            let line = &mut a[r * lines_per_row..(r + 1) * lines_per_row];
-            // SAFETY: `Line` is 32 u16 without padding; the slice covers exactly its lines.
-            let dst_row = unsafe {
-                std::slice::from_raw_parts_mut(line.as_mut_ptr().cast::<u16>(), rhs.k_pad)
-            };
-            convert_row(&lhs[i * k..(i + 1) * k], &mut dst_row[..k]);
-        }
+        convert_block(lhs, k, rows.clone(), &mut a, rhs.k_pad);
         let block = Block {
             a: &a,
             lines_per_row,
@@ -328,6 +372,50 @@ fn run(kernel: Bf16Kernel, lhs: &[f32], m: usize, rhs: &PackedRhs, out: Out) {
             }
         };
     });
+}
+
+/// Rows `rows` of `lhs` (… × k) in bf16 into `a`, one row every `k_pad` values from its
+/// start (what is past k stays as it was: zeros).
+fn convert_block(lhs: Mat, k: usize, rows: Range<usize>, a: &mut [Line], k_pad: usize) {
+    // SAFETY: `Line` is 32 u16 without padding; the slice covers exactly `a`'s lines.
+    let a =
+        unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr().cast::<u16>(), a.len() * TILE_K) };
+    if lhs.col_stride == 1 {
+        for (r, i) in rows.enumerate() {
+            let src = &lhs.data[i * lhs.row_stride..][..k];
+            convert_row(src, &mut a[r * k_pad..][..k]);
+        }
+        return;
+    }
+    // A transposed operand (a weight gradient's `dyᵀ` or `xᵀ`): the block's rows lie side
+    // by side at each k. They are converted a k at a time into a 32 × 32 tile, and the
+    // tile's rows stored as whole lines: scattered straight into `a`, whose rows are
+    // k_pad × 2 bytes apart (2 KB at k = 1,024 rows), 32 stores per k fell into two L1
+    // sets and missed on every k (bf16 `xᵀ u` ran at half of f32 gemm's speed).
+    let count = rows.len();
+    let mut tile = [ZERO_LINE; BLOCK_M];
+    let mut column = [0u16; BLOCK_M];
+    let mut gathered = [0f32; BLOCK_M];
+    for p0 in (0..k).step_by(TILE_K) {
+        let width = TILE_K.min(k - p0);
+        for dp in 0..width {
+            let start = rows.start * lhs.row_stride + (p0 + dp) * lhs.col_stride;
+            if lhs.row_stride == 1 {
+                convert_row(&lhs.data[start..][..count], &mut column[..count]);
+            } else {
+                for (r, g) in gathered[..count].iter_mut().enumerate() {
+                    *g = lhs.data[start + r * lhs.row_stride];
+                }
+                convert_row(&gathered[..count], &mut column[..count]);
+            }
+            for (line, &v) in tile[..count].iter_mut().zip(&column[..count]) {
+                line.0[dp] = v;
+            }
+        }
+        for (r, line) in tile[..count].iter().enumerate() {
+            a[r * k_pad + p0..][..width].copy_from_slice(&line.0[..width]);
+        }
+    }
 }
 
 /// Up to [`BLOCK_M`] rows of the left operand in bf16, as the kernels read them: row `r`
@@ -406,7 +494,8 @@ mod tests {
                 let x = values(m * k, 1.0);
                 let w = values(n * k, 2.0); // (n × k): a weight
                 let packed = PackedRhs::for_product_t(&w, n, k);
-                let want = reference_product(&x, m, Mat::transposed(&w, k), k, n);
+                let want_of = |x: &[f32]| reference_product(x, m, Mat::transposed(&w, k), k, n);
+                let want = want_of(&x);
                 assert_close(
                     &product_with(kernel, &x, m, &packed),
                     &want,
@@ -417,6 +506,14 @@ mod tests {
                 let want_sum: Vec<f32> = dst.iter().zip(&want).map(|(d, w)| d - 0.5 * w).collect();
                 product_add_with(kernel, &x, m, &packed, &mut dst, -0.5);
                 assert_close(&dst, &want_sum, &format!("{kernel} {m}×{n}×{k}, added"));
+                // A transposed left operand (a weight gradient's): x_t (k × m).
+                let x_t = values(k * m, 5.0);
+                let x_of_t: Vec<f32> = (0..m * k).map(|e| x_t[(e % k) * m + e / k]).collect();
+                assert_close(
+                    &product_t_with(kernel, &x_t, m, &packed),
+                    &want_of(&x_of_t),
+                    &format!("{kernel} {m}×{n}×{k}, lhs transposed"),
+                );
                 // The other orientation: x (m × n) · w (n × k).
                 let x2 = values(m * n, 3.0);
                 let packed = PackedRhs::for_product(&w, n, k);
