@@ -142,7 +142,7 @@ impl LoraOp {
     }
 
     /// The adapter's weight gradients `(dA, dB)`: `dA = uᵀ drop(x)` (r, in) and
-    /// `dB = γ · dyᵀ down` (out, r), both summed over the rows. In bf16 from rank
+    /// `dB = γ · dyᵀ down` (out, r), both summed over the rows. In bf16 on AMX from rank
     /// [`BF16_GRAD_MIN_RANK`], dB as `(γ · downᵀ dy)ᵀ`, so that in both the (rows × r)
     /// operand is the left one (converted as it is read, transposed) and the activation
     /// (rows × in or out) the right one, packed on the call.
