@@ -574,10 +574,10 @@ pub fn attach(model: &mut Llama, spec: &AttachSpec, seed: u64) -> Result<AttachR
                 id,
             };
             if method.is_dora() {
-                Adapter::Dora(DoraAdapter {
-                    magnitude: new_var(row_norms(linear.weight(), None)?)?,
+                Adapter::Dora(DoraAdapter::new(
                     lora,
-                })
+                    new_var(row_norms(linear.weight(), None)?)?,
+                ))
             } else {
                 Adapter::Lora(lora)
             }

@@ -199,6 +199,38 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
 }
 
 #[test]
+fn dora_evaluation_keeps_its_norm_only_while_a_and_b_are_unchanged() {
+    let model = adapted_tiny(Method::Dora);
+    let (_, _, lin) = model
+        .projections()
+        .find(|(l, p, _)| *l == 0 && *p == "self_attn.q_proj")
+        .unwrap();
+    let rora::nn::Adapter::Dora(dora) = lin.adapter().unwrap() else {
+        panic!("not DoRA")
+    };
+    let w = lin.weight();
+    let frozen = FrozenWeight::new(w.clone());
+    let x = Tensor::randn(0f32, 1.0, (3, w.dim(1).unwrap()), &Device::Cpu).unwrap();
+    let fresh = || {
+        let norm = dora.weight_norm(w).unwrap();
+        dora.forward_with_norm(&x, &frozen, &norm, Mode::Eval)
+            .unwrap()
+    };
+    let before = dora.forward(&x, &frozen, Mode::Eval).unwrap();
+    assert_eq!(max_abs_diff(&before, &fresh()), 0.0);
+    // A step's worth of change to B (as the optimizer makes it, in place): the kept norm
+    // must not be used again.
+    let b = dora.lora.b.as_tensor();
+    dora.lora
+        .b
+        .set(&(b + Tensor::randn(0f32, 0.5, b.shape(), &Device::Cpu).unwrap()).unwrap())
+        .unwrap();
+    let after = dora.forward(&x, &frozen, Mode::Eval).unwrap();
+    assert_eq!(max_abs_diff(&after, &fresh()), 0.0);
+    assert!(max_abs_diff(&after, &before) > 1e-3);
+}
+
+#[test]
 fn merged_weights_reproduce_the_adapted_model() {
     for method in ALL {
         let mut model = adapted_tiny(method);
