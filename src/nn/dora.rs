@@ -7,8 +7,9 @@
 //! The norm costs a full `(out, in)` product `BA` per call. Training pays it once a step,
 //! but evaluation calls the forward pass once per decoded token, so the evaluation's norm is
 //! kept until `A`, `B` or the weight change (compared by content: `2·r·(in + out)` floats
-//! against `r·in·out` multiply-adds). With it, DoRA's `generate` evaluation on SmolLM2 fell
-//! from ~145 s to the LoRA runs' ~35 s per 100 questions.
+//! against `r·in·out` multiply-adds). Measured: 16 ARC-Easy `generate` questions on SmolLM2
+//! with DoRA r8 on 7 projections, 34.6 → 20.8 s (median of 4 alternating runs, the same
+//! predictions); the saving grows with the rank.
 
 use super::dropout::{self, to_f32};
 use super::frozen::{frozen_matmul_t, FrozenWeight};
