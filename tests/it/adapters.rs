@@ -153,18 +153,25 @@ fn adapter_gradients_match_finite_differences_and_base_gets_none() {
     }
 }
 
-#[test]
-fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
+/// The DoRA adapter of one projection of a tiny DoRA model, its weight, and the weight as the
+/// adapter's forward pass takes it. The adapter is a clone sharing the model's variables.
+fn dora_projection(layer: usize, path: &str) -> (rora::nn::DoraAdapter, Tensor, FrozenWeight) {
     let model = adapted_tiny(Method::Dora);
     let (_, _, lin) = model
         .projections()
-        .find(|(l, p, _)| *l == 1 && *p == "mlp.up_proj")
+        .find(|(l, p, _)| *l == layer && *p == path)
         .unwrap();
     let rora::nn::Adapter::Dora(dora) = lin.adapter().unwrap() else {
         panic!("not DoRA")
     };
-    let w = lin.weight();
-    let frozen = FrozenWeight::new(w.clone());
+    let w = lin.weight().clone();
+    (dora.clone(), w.clone(), FrozenWeight::new(w))
+}
+
+#[test]
+fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
+    let (dora, w, frozen) = dora_projection(1, "mlp.up_proj");
+    let w = &w;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
     let mut rand_t = |shape: (usize, usize)| {
         let v: Vec<f32> = (0..shape.0 * shape.1)
@@ -200,16 +207,8 @@ fn dora_layer_gradients_match_finite_differences_with_the_norm_held() {
 
 #[test]
 fn dora_evaluation_keeps_its_norm_only_while_a_and_b_are_unchanged() {
-    let model = adapted_tiny(Method::Dora);
-    let (_, _, lin) = model
-        .projections()
-        .find(|(l, p, _)| *l == 0 && *p == "self_attn.q_proj")
-        .unwrap();
-    let rora::nn::Adapter::Dora(dora) = lin.adapter().unwrap() else {
-        panic!("not DoRA")
-    };
-    let w = lin.weight();
-    let frozen = FrozenWeight::new(w.clone());
+    let (dora, w, frozen) = dora_projection(0, "self_attn.q_proj");
+    let w = &w;
     let x = Tensor::randn(0f32, 1.0, (3, w.dim(1).unwrap()), &Device::Cpu).unwrap();
     let fresh = || {
         let norm = dora.weight_norm(w).unwrap();
