@@ -16,6 +16,9 @@ Cells (name: what):
   {train-SHAPE-dDROPOUT-rRANK-bf16}: the same with `--matmul-precision bf16` against
       PyTorch's bf16 autocast (`--bf16`)
   {generate-SHAPE}: `recover bench generate` vs peers/transformers_generate.py, f32
+  {generate-SHAPE-bf16}: the same with `--matmul-precision bf16` against transformers
+      with bf16 weights (`--bf16-weights`, as from_pretrained(torch_dtype=bfloat16)
+      loads them: the faster of PyTorch's two bf16 settings for decoding here)
 The default cells include the bf16 ones only on CPUs with a bf16 kernel for rora (AMX or
 AVX512-BF16, read from /proc/cpuinfo); elsewhere rora's bf16 would be its f32.
 """
@@ -51,6 +54,8 @@ BF16_CELLS = [
     "train-smollm2-d0.05-r8-bf16",
     "train-smollm2-d0-r128-bf16",
     "train-smollm2-d0.05-r128-bf16",
+    "generate-default-bf16",
+    "generate-smollm2-bf16",
 ]
 
 
@@ -81,9 +86,14 @@ def commands(cell, args):
             peer += ["--bf16"]
         return rora, peer, "tokens_per_s"
     if kind == "generate":
+        if rest not in ([], ["bf16"]):
+            sys.exit(f"unknown cell {cell!r}: a generate cell is generate-SHAPE or generate-SHAPE-bf16")
         rora = [args.rora, "bench", "generate", "--shape", shape, "--json"]
         peer = [args.python, str(HERE / "peers/transformers_generate.py"), "--shape", shape,
                 "--threads", str(args.threads)]
+        if rest == ["bf16"]:
+            rora += ["--matmul-precision", "bf16"]
+            peer += ["--bf16-weights"]
         return rora, peer, "new_tokens_per_s"
     sys.exit(f"unknown cell {cell!r}; cells look like {DEFAULT_CELLS[0]} or generate-smollm2")
 

@@ -72,6 +72,25 @@ def add_model_args(ap):
     ap.add_argument("--seed", type=int, default=0)
 
 
+def add_inference_args(ap):
+    """The inference scripts' extra flag: --bf16-weights."""
+    ap.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="model.to(torch.bfloat16): bf16 weights, as from_pretrained(torch_dtype="
+        "torch.bfloat16) loads them (autocast keeps f32 weights and casts them per call)",
+    )
+
+
+def inference_dtype(model, args):
+    """The model in the dtype --bf16-weights asks for, and the label of the setting."""
+    import torch
+
+    if args.bf16_weights:
+        return model.to(torch.bfloat16), "bf16-weights"
+    return model, "bf16-autocast" if args.bf16 else "f32"
+
+
 def build_llama(args):
     """Sets torch's threads and seed, then builds LlamaForCausalLM of the shape (random
     init, std 0.02, f32). Returns (model, config, the config's fields)."""

@@ -10,7 +10,7 @@ options of 4 random tokens, 8 questions per batch. Each batch is one forward pas
 log-probabilities. One untimed pass, then timed passes; the median gives questions/s.
 
     python transformers_eval.py [--shape default|smollm2] [--runs 5] [--questions 64]
-                                [--vocab N] [--threads 2] [--bf16]
+                                [--vocab N] [--threads 2] [--bf16 | --bf16-weights]
 """
 
 import argparse
@@ -19,7 +19,7 @@ import platform
 import statistics
 import time
 
-from common import add_model_args, build_llama, peak_rss_bytes
+from common import add_inference_args, add_model_args, build_llama, inference_dtype, peak_rss_bytes
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--questions", type=int, default=64)
     add_model_args(ap)
+    add_inference_args(ap)
     args = ap.parse_args()
 
     import torch
@@ -34,6 +35,7 @@ def main():
 
     prompt_len, options, option_len, batch = 96, 4, 4, 8
     model, cfg, shape = build_llama(args)
+    model, dtype = inference_dtype(model, args)
     model.eval()
     vocab = cfg.vocab_size
     base_params = sum(p.numel() for p in model.parameters())  # a tied head counted once
@@ -68,7 +70,7 @@ def main():
         json.dumps(
             {
                 "peer": "transformers",
-                "dtype": "bf16-autocast" if args.bf16 else "f32",
+                "dtype": dtype,
                 "threads": torch.get_num_threads(),
                 "shape": args.shape,
                 "config": shape,

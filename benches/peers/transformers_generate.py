@@ -9,7 +9,7 @@ The prompts are full length (no padding), as in rora's benchmark. One untimed pa
 timed passes; new tokens/s = 16 x 32 / median pass (prefill included on both sides).
 
     python transformers_generate.py [--shape default|smollm2] [--runs 3] [--prompts 16]
-                                    [--new-tokens 32] [--vocab N] [--threads 2] [--bf16]
+                                    [--new-tokens 32] [--vocab N] [--threads 2] [--bf16 | --bf16-weights]
 """
 
 import argparse
@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 
-from common import add_model_args, build_llama, peak_rss_bytes
+from common import add_inference_args, add_model_args, build_llama, inference_dtype, peak_rss_bytes
 
 
 def main():
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     add_model_args(ap)
+    add_inference_args(ap)
     args = ap.parse_args()
 
     import torch
@@ -34,6 +35,7 @@ def main():
 
     prompt_len, batch = 64, 8
     model, cfg, shape = build_llama(args)
+    model, dtype = inference_dtype(model, args)
     model.eval()
     vocab = cfg.vocab_size
     base_params = sum(p.numel() for p in model.parameters())
@@ -71,7 +73,7 @@ def main():
         json.dumps(
             {
                 "peer": "transformers-generate",
-                "dtype": "bf16-autocast" if args.bf16 else "f32",
+                "dtype": dtype,
                 "threads": torch.get_num_threads(),
                 "shape": args.shape,
                 "config": shape,

@@ -2,7 +2,7 @@
 //! on the benchmarks' random model.
 
 use super::measure::{median, mib, proc_status_bytes, time_passes};
-use super::shape::{random_ids, random_model};
+use super::shape::{random_ids, random_model, set_matmul_precision};
 use super::TrainBenchSpec;
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -62,7 +62,7 @@ impl EvalBenchReport {
         let runs: Vec<String> = self.run_s.iter().map(|t| format!("{t:.3}")).collect();
         format!(
             "# recover bench eval\n\nshape: {}; \
-             {} questions × ({} prompt tokens + {} options × {} tokens), {} per batch; f32; {} threads\n\n\
+             {} questions × ({} prompt tokens + {} options × {} tokens), {} per batch; f32, frozen products {}; {} threads\n\n\
              | metric | value |\n|---|---|\n\
              | questions/s | {:.1} |\n| median pass | {:.3} s |\n| passes (s) | {} |\n\
              | tokens per pass | {} |\n| params: base | {} |\n| score checksum | {:.4} |\n\
@@ -73,6 +73,7 @@ impl EvalBenchReport {
             s.options,
             s.option_len,
             s.batch,
+            m.matmul_precision,
             self.threads,
             self.questions_per_s,
             self.median_run_s,
@@ -92,7 +93,8 @@ pub fn bench_eval(spec: &EvalBenchSpec) -> Result<EvalBenchReport> {
     if spec.runs == 0 || spec.questions == 0 || spec.options == 0 || spec.option_len == 0 {
         bail!("bench eval needs at least one run, question, option and option token");
     }
-    let model = random_model(&spec.model, &Device::Cpu)?;
+    let mut model = random_model(&spec.model, &Device::Cpu)?;
+    set_matmul_precision(&mut model, &spec.model, "eval")?;
     let base_params = model.num_params() as u64;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.model.seed.wrapping_add(2));
     let vocab = spec.model.vocab as u32;

@@ -5,7 +5,7 @@
 //! `min_new_tokens = max_new_tokens` in its peer `benches/peers/transformers_generate.py`.
 
 use super::measure::{median, mib, proc_status_bytes, time_passes};
-use super::shape::{random_ids, random_model};
+use super::shape::{random_ids, random_model, set_matmul_precision};
 use super::TrainBenchSpec;
 use crate::eval::generate::greedy_batch;
 use anyhow::{bail, Result};
@@ -61,7 +61,7 @@ impl GenerateBenchReport {
         let runs: Vec<String> = self.run_s.iter().map(|t| format!("{t:.3}")).collect();
         format!(
             "# recover bench generate\n\nshape: {}; {} prompts of {} tokens, {} new tokens \
-             each, {} per batch, greedy with a KV cache; f32; {} threads\n\n\
+             each, {} per batch, greedy with a KV cache; f32, frozen products {}; {} threads\n\n\
              | metric | value |\n|---|---|\n\
              | new tokens/s | {:.1} |\n| median pass | {:.3} s |\n| passes (s) | {} |\n\
              | params: base | {} |\n| token checksum | {} |\n| peak RSS | {} |\n",
@@ -70,6 +70,7 @@ impl GenerateBenchReport {
             s.prompt_len,
             s.new_tokens,
             s.batch,
+            s.model.matmul_precision,
             self.threads,
             self.new_tokens_per_s,
             self.median_run_s,
@@ -94,7 +95,8 @@ pub fn bench_generate(spec: &GenerateBenchSpec) -> Result<GenerateBenchReport> {
     if spec.runs == 0 || spec.prompts == 0 || spec.prompt_len == 0 || spec.new_tokens == 0 {
         bail!("bench generate needs at least one run, prompt, prompt token and new token");
     }
-    let model = random_model(&spec.model, &Device::Cpu)?;
+    let mut model = random_model(&spec.model, &Device::Cpu)?;
+    set_matmul_precision(&mut model, &spec.model, "generate")?;
     let prompts = bench_prompts(spec);
     let pass = || -> Result<u64> {
         let mut sum = 0u64;

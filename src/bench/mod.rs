@@ -77,6 +77,16 @@ pub struct BenchProductsArgs {
     pub json: bool,
 }
 
+/// `--matmul-precision` of the benchmarks that run the model.
+#[derive(Debug, Args)]
+pub struct BenchPrecisionArgs {
+    /// Inputs of the frozen weights' products: `bf16` runs them from bf16 inputs on AMX or
+    /// AVX512-BF16 (the finetune and eval stages' `matmul_precision`); fails on a CPU
+    /// with neither.
+    #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
+    pub matmul_precision: MatmulPrecision,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchGenerateArgs {
     /// Timed passes over the prompts (the median is reported).
@@ -88,6 +98,8 @@ pub struct BenchGenerateArgs {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 32)]
     pub new_tokens: usize,
+    #[command(flatten)]
+    pub precision: BenchPrecisionArgs,
     #[command(flatten)]
     pub model: BenchModelArgs,
     /// Print one JSON object instead of the table.
@@ -103,6 +115,8 @@ pub struct BenchEvalArgs {
     /// Questions per pass.
     #[arg(long, default_value_t = 64)]
     pub questions: usize,
+    #[command(flatten)]
+    pub precision: BenchPrecisionArgs,
     #[command(flatten)]
     pub model: BenchModelArgs,
     /// Print one JSON object instead of the table.
@@ -133,10 +147,8 @@ pub struct BenchTrainArgs {
     /// time of their own: measure both settings users run.
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f64,
-    /// Inputs of the frozen weights' products: `bf16` runs them from bf16 inputs on AMX or AVX512-BF16
-    /// (the finetune stage's `matmul_precision`); fails on a CPU with neither.
-    #[arg(long, value_enum, default_value_t = MatmulPrecision::F32)]
-    pub matmul_precision: MatmulPrecision,
+    #[command(flatten)]
+    pub precision: BenchPrecisionArgs,
     /// What the step minimises: `kd` and `kd+lm` distil from a second random model of
     /// the same shape (a whole second copy of the weights: the `teacher: <model>` case; a
     /// `pre_prune` teacher shares the layers `prune` left alone).
@@ -167,7 +179,7 @@ impl BenchTrainArgs {
             seq_len: self.seq_len.unwrap_or(base.seq_len),
             rank,
             alpha: base.alpha / base.rank as f64 * rank as f64,
-            matmul_precision: self.matmul_precision,
+            matmul_precision: self.precision.matmul_precision,
             objective: self.objective,
             dropout: self.dropout,
             backward: self.backward,
@@ -183,7 +195,10 @@ impl BenchEvalArgs {
         EvalBenchSpec {
             runs: self.runs,
             questions: self.questions,
-            model: self.model.spec(),
+            model: TrainBenchSpec {
+                matmul_precision: self.precision.matmul_precision,
+                ..self.model.spec()
+            },
             ..EvalBenchSpec::default()
         }
     }
@@ -205,7 +220,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 runs: a.runs,
                 prompts: a.prompts,
                 new_tokens: a.new_tokens,
-                model: a.model.spec(),
+                model: TrainBenchSpec {
+                    matmul_precision: a.precision.matmul_precision,
+                    ..a.model.spec()
+                },
                 ..GenerateBenchSpec::default()
             };
             let report = bench_generate(&spec)?;

@@ -164,6 +164,23 @@ pub(super) fn random_model(spec: &TrainBenchSpec, device: &Device) -> Result<Lla
     Llama::from_weights(config, &weights)
 }
 
+/// Packs `model`'s frozen weights for `spec.matmul_precision`; an error where bf16
+/// cannot run (a benchmark that silently measured f32 would mislabel its numbers).
+pub(super) fn set_matmul_precision(
+    model: &mut Llama,
+    spec: &TrainBenchSpec,
+    bench: &str,
+) -> Result<()> {
+    if !model.set_matmul_precision(spec.matmul_precision)? {
+        bail!(
+            "bench {bench}: --matmul-precision {} needs a CPU with AMX or AVX512-BF16 \
+             (Intel Sapphire Rapids, AMD Zen 4 or later); use f32 here",
+            spec.matmul_precision
+        );
+    }
+    Ok(())
+}
+
 /// `len` token ids drawn uniformly from `0..vocab`, in order from `rng`.
 pub(super) fn random_ids(rng: &mut impl Rng, len: usize, vocab: u32) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(0..vocab)).collect()

@@ -2,7 +2,7 @@
 //! batch of the benchmarks' random model.
 
 use super::measure::{median, mib, proc_status_bytes};
-use super::shape::{random_ids, random_model};
+use super::shape::{random_ids, random_model, set_matmul_precision};
 use super::BenchShape;
 use crate::adapters::{self, AttachSpec, Method, MODULES};
 use crate::data::Example;
@@ -231,13 +231,7 @@ pub fn bench_train(spec: &TrainBenchSpec) -> Result<TrainBenchReport> {
         ..AttachSpec::new(Method::Lora)
     };
     let attached = adapters::attach(&mut model, &attach, spec.seed)?;
-    if !model.set_matmul_precision(spec.matmul_precision)? {
-        bail!(
-            "bench train: --matmul-precision {} needs a CPU with AMX or AVX512-BF16 \
-             (Intel Sapphire Rapids, AMD Zen 4 or later); use f32 here",
-            spec.matmul_precision
-        );
-    }
+    set_matmul_precision(&mut model, spec, "train")?;
     // One fixed batch of random ids, unpadded: the attention mask is all ones and every
     // shifted position is a target, as `finetune` collates a full-length batch. One
     // micro-batch per step, the learning rate constant.

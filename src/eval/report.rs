@@ -4,6 +4,7 @@
 
 use super::spec::Protocol;
 use crate::data::Task;
+use crate::nn::frozen::MatmulPrecision;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -123,6 +124,10 @@ pub struct EvalReport {
     pub bos: bool,
     pub num_beams: usize,
     pub max_new_tokens: usize,
+    /// What the frozen products ran at (`eval.matmul_precision`, or the training's in a
+    /// checkpoint evaluation).
+    #[serde(default, skip_serializing_if = "MatmulPrecision::is_f32")]
+    pub matmul_precision: MatmulPrecision,
     pub protocols: Vec<ProtocolResult>,
     /// The `ppl` task, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +162,13 @@ impl EvalReport {
             limit += &format!(", after the first {} of each task (`skip`)", self.skip);
         }
         let _ = writeln!(s, "Questions: {limit}. Accuracy in %.\n");
+        if !self.matmul_precision.is_f32() {
+            let _ = writeln!(
+                s,
+                "Products of the frozen weights from {} inputs (`matmul_precision`), sums in f32.\n",
+                self.matmul_precision
+            );
+        }
         if self.cached {
             let _ = writeln!(
                 s,

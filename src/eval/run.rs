@@ -106,8 +106,9 @@ pub fn evaluate_task(
     Ok((result, records))
 }
 
-/// Runs the eval stage: every task of `spec` under every protocol, and the `ppl` task.
-/// All task files are read and checked before the model runs.
+/// Runs the eval stage: every task of `spec` under every protocol, and the `ppl` task, with
+/// the products at the model's current precision (the eval stage sets
+/// `spec.matmul_precision` first). All task files are read and checked before the model runs.
 pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) -> Result<EvalRun> {
     let started = Instant::now();
     let tasks = spec.validate()?;
@@ -163,6 +164,7 @@ pub fn run_eval(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) 
         bos: spec.bos_for(tok),
         num_beams: spec.num_beams,
         max_new_tokens: spec.max_new_tokens,
+        matmul_precision: model.matmul_precision(),
         protocols,
         perplexity,
         seconds: started.elapsed().as_secs_f64(),

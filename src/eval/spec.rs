@@ -3,6 +3,7 @@
 use super::perplexity::PplSpec;
 use crate::data::Task;
 use crate::model::TextTokenizer;
+use crate::nn::frozen::MatmulPrecision;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
@@ -80,6 +81,13 @@ pub struct EvalSpec {
     /// `ppl`: score only the first N tokens of `ppl_text`.
     #[serde(default)]
     pub ppl_max_tokens: Option<usize>,
+    /// Inputs of the frozen weights' products: `bf16` rounds them to bf16 and sums in f32
+    /// on AMX or AVX512-BF16, as lm-evaluation-harness does with `dtype=bfloat16` (several
+    /// times faster here; the products' inputs lose their low 16 bits); f32 on a CPU
+    /// without a bf16 kernel. The report records what ran. `finetune.checkpoint_eval`
+    /// runs at the training's precision instead.
+    #[serde(default, skip_serializing_if = "MatmulPrecision::is_f32")]
+    pub matmul_precision: MatmulPrecision,
     /// A folder of earlier evaluations (the pipeline's `eval` stage): one of the same
     /// model (a hash of every weight, adapters included), settings, seed and rora
     /// version is read back instead of run, and its report says `cached: true`.
@@ -218,6 +226,7 @@ impl EvalSpec {
             ppl_text: None,
             ppl_max_len: super::perplexity::default_max_len(),
             ppl_max_tokens: None,
+            matmul_precision: MatmulPrecision::F32,
             cache: None,
         }
     }

@@ -334,6 +334,19 @@ impl Llama {
         Ok(all)
     }
 
+    /// [`Llama::set_matmul_precision`], or f32 for every product where `precision` cannot
+    /// run on this CPU (never a mix): returns the precision the products now run at.
+    pub fn set_matmul_precision_or_f32(
+        &mut self,
+        precision: MatmulPrecision,
+    ) -> Result<MatmulPrecision> {
+        if self.set_matmul_precision(precision)? {
+            return Ok(precision);
+        }
+        self.set_matmul_precision(MatmulPrecision::F32)?;
+        Ok(MatmulPrecision::F32)
+    }
+
     /// The precision the projections' products run at: bf16 when every one is packed.
     pub fn matmul_precision(&self) -> MatmulPrecision {
         let mut projections = self.projections().peekable();

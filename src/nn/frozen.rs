@@ -28,6 +28,22 @@ pub enum MatmulPrecision {
     Bf16,
 }
 
+impl MatmulPrecision {
+    /// For serde's `skip_serializing_if`: f32 is what a file without the key means.
+    pub fn is_f32(&self) -> bool {
+        *self == MatmulPrecision::F32
+    }
+
+    /// What a stage says when its `key: bf16` cannot run on this CPU and its products stay
+    /// in the weights' own dtype.
+    pub fn fallback_note(key: &str) -> String {
+        format!(
+            "{key}: bf16 needs f32 weights on a CPU with AMX or AVX512-BF16 (Intel Sapphire \
+             Rapids, AMD Zen 4 or later); the products run in the weights' own dtype"
+        )
+    }
+}
+
 impl std::fmt::Display for MatmulPrecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

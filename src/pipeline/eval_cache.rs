@@ -4,7 +4,7 @@
 //! 2 cores); with the cache only the first run pays for it.
 //!
 //! The key is xxh3-128 over rora's version, the settings (label and cache folder left
-//! out: they do not change a number), the seed, the resolved BOS, the tokenizer, the
+//! out: they do not change a number), the precision the products ran at, the seed, the resolved BOS, the tokenizer, the
 //! model config and every tensor — embeddings, norms, head, each projection's weight and
 //! its adapter's tensors and scale — bit for bit. An entry is `<key>.json` (the report)
 //! and `<key>.jsonl` (its question records), written atomically.
@@ -12,6 +12,7 @@
 use crate::eval::{EvalReport, EvalRun, EvalSpec, QuestionRecord};
 use crate::fsx;
 use crate::model::{Llama, TextTokenizer};
+use crate::nn::frozen::MatmulPrecision;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -28,7 +29,13 @@ pub fn key(spec: &EvalSpec, model: &Llama, tok: &TextTokenizer, seed: u64) -> Re
     let mut settings = spec.clone();
     settings.label = String::new();
     settings.cache = None;
+    // What ran, not what was asked (bf16 falls back to f32 without a bf16 kernel); f32
+    // adds nothing, so the keys of earlier f32 evaluations still match.
+    settings.matmul_precision = MatmulPrecision::F32;
     field(serde_json::to_string(&settings)?.as_bytes());
+    if !model.matmul_precision().is_f32() {
+        field(format!("matmul_precision {}", model.matmul_precision()).as_bytes());
+    }
     field(&seed.to_le_bytes());
     field(&[spec.bos_for(tok) as u8]);
     field(

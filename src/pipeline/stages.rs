@@ -9,7 +9,8 @@ use crate::adapters::{self, AttachSpec};
 use crate::eval::{EvalReport, EvalSpec, PplSpec};
 use crate::export::{self, ExportReport, ExportSpec};
 use crate::inspect::ShapeReport;
-use crate::model::{self, Llama, LlamaConfig, LoadedModel, ModelSource};
+use crate::model::{self, Llama, LlamaConfig, LoadedModel, ModelSource, TextTokenizer};
+use crate::nn::frozen::MatmulPrecision;
 use crate::progress;
 use crate::prune::{PruneReport, PruneSpec};
 use crate::train::{self, FinetuneReport, FinetuneSpec, Objective, PRE_PRUNE};
@@ -377,11 +378,38 @@ pub fn prune(spec: &PruneSpec, ctx: &mut StageContext) -> Result<StageOutput<Pru
 }
 
 pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalReport>> {
-    let loaded = ctx.model("eval")?;
-    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let seed = ctx.seed;
+    let loaded = ctx.model_mut("eval")?;
+    if loaded
+        .model
+        .set_matmul_precision_or_f32(spec.matmul_precision)?
+        != spec.matmul_precision
+    {
+        progress::line(&MatmulPrecision::fallback_note("eval.matmul_precision"));
+    }
+    let run = evaluate_or_read_cache(spec, &loaded.model, &loaded.tokenizer, seed);
+    // Drops the packed bf16 copies (as much memory as the weights): later stages start at f32.
+    loaded.model.set_matmul_precision(MatmulPrecision::F32)?;
+    let run = run?;
+    let jsonl = run.records_jsonl()?;
+    let md = run.report.to_markdown();
+    Ok(StageOutput {
+        extra: vec![("jsonl", jsonl)],
+        ..StageOutput::new(run.report).with_markdown(md)
+    })
+}
+
+/// The evaluation `spec` asks for: read back from `spec.cache` when the same weights,
+/// settings, precision and seed were evaluated before, else run (and cached).
+fn evaluate_or_read_cache(
+    spec: &EvalSpec,
+    model: &Llama,
+    tok: &TextTokenizer,
+    seed: u64,
+) -> Result<crate::eval::EvalRun> {
     let run = match &spec.cache {
         Some(dir) => {
-            let key = eval_cache::key(spec, model, tok, ctx.seed)?;
+            let key = eval_cache::key(spec, model, tok, seed)?;
             match eval_cache::read(dir, &key, &spec.label)? {
                 Some(run) => {
                     progress::line(&format!(
@@ -393,18 +421,13 @@ pub fn eval(spec: &EvalSpec, ctx: &mut StageContext) -> Result<StageOutput<EvalR
                     run
                 }
                 None => {
-                    let run = crate::eval::run_eval(spec, model, tok, ctx.seed)?;
+                    let run = crate::eval::run_eval(spec, model, tok, seed)?;
                     eval_cache::write(dir, &key, &run)?;
                     run
                 }
             }
         }
-        None => crate::eval::run_eval(spec, model, tok, ctx.seed)?,
+        None => crate::eval::run_eval(spec, model, tok, seed)?,
     };
-    let jsonl = run.records_jsonl()?;
-    let md = run.report.to_markdown();
-    Ok(StageOutput {
-        extra: vec![("jsonl", jsonl)],
-        ..StageOutput::new(run.report).with_markdown(md)
-    })
+    Ok(run)
 }

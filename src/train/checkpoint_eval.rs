@@ -1,7 +1,9 @@
 //! `checkpoint_eval`: the eval stage's settings run on the model being trained — before
 //! the first step, every `eval_every` steps and at the end — so that a run draws its own
 //! recovery curve: pooled accuracy (with its interval, and a paired test against the
-//! model as training found it) and perplexity against training tokens.
+//! model as training found it) and perplexity against training tokens. The products run at
+//! the training's `matmul_precision` (the packed bf16 weights are the training's), and each
+//! report records it.
 //!
 //! Each evaluation's per-question records go to `checkpoint-evals/step-NNNNNN.jsonl`
 //! (the paired test of a resumed run reads step 0's back); its summary is the `eval`

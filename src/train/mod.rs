@@ -68,13 +68,8 @@ pub fn finetune(
     resume: bool,
 ) -> Result<FinetuneReport> {
     spec.validate()?;
-    if !model.set_matmul_precision(spec.matmul_precision)? {
-        progress::line(&format!(
-            "finetune: matmul_precision {} needs f32 weights on a CPU with AMX or \
-             AVX512-BF16 (Intel Sapphire Rapids, AMD Zen 4 or later); the frozen products run in the weights' own dtype",
-            spec.matmul_precision
-        ));
-        model.set_matmul_precision(MatmulPrecision::F32)?;
+    if model.set_matmul_precision_or_f32(spec.matmul_precision)? != spec.matmul_precision {
+        progress::line(&MatmulPrecision::fallback_note("finetune.matmul_precision"));
     }
     let report = train_adapters(model, tok, spec, objective, seed, run_dir, resume);
     // Drops the packed bf16 copies: evaluation and export use the f32 weights.

@@ -6,7 +6,6 @@ use super::batch::Batch;
 use super::spec::{FinetuneSpec, ObjectiveKind};
 use crate::model::loss::{masked_mean_kl_from_hidden, masked_mean_nll_from_hidden};
 use crate::model::Llama;
-use crate::nn::frozen::MatmulPrecision;
 use crate::nn::fused::distill::Divergence;
 use crate::nn::Mode;
 use anyhow::{bail, Result};
@@ -56,9 +55,7 @@ impl Objective {
         let Some(mut teacher) = teacher else {
             bail!("finetune.objective kd and kd+lm distil from a teacher; none was given");
         };
-        if !teacher.set_matmul_precision(spec.matmul_precision)? {
-            teacher.set_matmul_precision(MatmulPrecision::F32)?;
-        }
+        teacher.set_matmul_precision_or_f32(spec.matmul_precision)?;
         Ok(Objective::Distill(Distill {
             teacher: Arc::new(teacher),
             lm_weight,
