@@ -240,4 +240,36 @@ mod tests {
         assert!(full.set_precision(MatmulPrecision::F32).unwrap());
         assert!(full.packed().is_none());
     }
+
+    /// The input gradient's layout is packed by the first backward pass, not before: a
+    /// forward pass (evaluation, decoding, a teacher) leaves it out; the gradient it then
+    /// gives equals f32's product of the bf16-rounded operands.
+    #[test]
+    fn the_input_gradient_layout_is_packed_by_the_first_backward_pass() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &dev).unwrap();
+        let mut frozen = FrozenWeight::new(w.clone());
+        if !frozen.set_precision(MatmulPrecision::Bf16).unwrap() {
+            crate::require::skip_or_fail("bf16", "no bf16 kernel (AMX or AVX512-BF16) on this CPU");
+            return;
+        }
+        let x = candle_core::Var::randn(0f32, 1.0, (5, 64), &dev).unwrap();
+        let y = frozen_matmul_t(x.as_tensor(), &frozen).unwrap();
+        assert!(!frozen.packed().unwrap().has_backward());
+        let dy = Tensor::randn(0f32, 1.0, (5, 48), &dev).unwrap();
+        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(frozen.packed().unwrap().has_backward());
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let want = round(&dy).matmul(&round(&w)).unwrap();
+        let got = grads.get(x.as_tensor()).unwrap();
+        // Both sum the same exact bf16 × bf16 products in f32, in another order: a few ulps
+        // of the largest partial sum (64 terms of size ~1).
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
 }

@@ -136,7 +136,7 @@ pub(crate) fn frozen_product(
     packed: Option<&bf16::PackedWeight>,
 ) -> Vec<f32> {
     match packed {
-        Some(p) => bf16::product(dy, rows, &p.backward),
+        Some(p) => bf16::product(dy, rows, p.backward(w)),
         None => gemm_par_new(
             (rows, in_dim, out_dim),
             Mat::rows(dy, out_dim),
