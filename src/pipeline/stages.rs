@@ -407,7 +407,7 @@ fn evaluate_or_read_cache(
     tok: &TextTokenizer,
     seed: u64,
 ) -> Result<crate::eval::EvalRun> {
-    let run = match &spec.cache {
+    Ok(match &spec.cache {
         Some(dir) => {
             let key = eval_cache::key(spec, model, tok, seed)?;
             match eval_cache::read(dir, &key, &spec.label)? {
@@ -428,6 +428,5 @@ fn evaluate_or_read_cache(
             }
         }
         None => crate::eval::run_eval(spec, model, tok, seed)?,
-    };
-    Ok(run)
+    })
 }
