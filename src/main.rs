@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
     rora::runtime::configure_threads();
     rora::runtime::configure_allocator();
     let cli = rora::cli::Cli::parse();
-    match rora::cli::run(cli) {
+    match rora::runtime::run_on_pool(|| rora::cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -55,7 +55,7 @@ impl TileConfig {
 ///
 /// # Safety
 /// [`detect`] must have returned true; `out` must be valid for reads and writes of the
-/// block's rows, n values each, and no other thread may touch them.
+/// block's rows, n values each, and no other thread may touch those in its column blocks.
 pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
     let (dst, n) = (out.ptr, out.n);
     let (first, count, lines_per_row) = (block.first, block.count, block.lines_per_row);
@@ -67,7 +67,7 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
     let a_stride = lines_per_row * 64;
     let k_steps = rhs.k_pad / TILE_K;
     let mut spill = [0f32; BLOCK_M * BLOCK_N];
-    for col_block in 0..rhs.n.div_ceil(BLOCK_N) {
+    for col_block in block.col_blocks.clone() {
         let left = rhs.panel(2 * col_block).as_ptr();
         let right = rhs.panel(2 * col_block + 1).as_ptr();
         asm!(

@@ -24,7 +24,7 @@ pub(super) fn detect() -> bool {
 ///
 /// # Safety
 /// [`detect`] must have returned true; `out` must be valid for reads and writes of the
-/// block's rows, n values each, and no other thread may touch them.
+/// block's rows, n values each, and no other thread may touch those in its column blocks.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
     let (dst, n) = (out.ptr, out.n);
@@ -34,7 +34,7 @@ pub(super) unsafe fn block_rows(block: &Block, rhs: &PackedRhs, out: Out) {
     let a_pairs = block.a.as_ptr().cast::<u32>();
     // Pairs past k are zeros on both sides; stop at the last one that holds a value.
     let pairs = rhs.k.div_ceil(2);
-    for col_block in 0..n.div_ceil(BLOCK_N) {
+    for col_block in block.col_blocks.clone() {
         let left = rhs.panel(2 * col_block).as_ptr().cast::<__m512bh>();
         let right = rhs.panel(2 * col_block + 1).as_ptr().cast::<__m512bh>();
         let first_col = col_block * BLOCK_N;

@@ -356,7 +356,8 @@ struct Out {
     add_scaled: Option<f32>,
 }
 
-// SAFETY: `run` hands each rayon task the rows of its own block only.
+// SAFETY: `run` hands each rayon task the rows of its own block, in the columns of its
+// own chunk, only.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
@@ -370,32 +371,59 @@ fn run(kernel: Bf16Kernel, lhs: Mat, m: usize, rhs: &PackedRhs, out: Out) {
     let k = rhs.k;
     assert!(lhs.data.len() >= lhs.extent(m, k), "bf16: lhs too small");
     let lines_per_row = rhs.k_pad / TILE_K;
-    (0..m.div_ceil(BLOCK_M)).into_par_iter().for_each(|block| {
-        let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
-        // This block's rows of lhs in bf16: (32 × k_pad), zero-padded.
-        let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
-        convert_block(lhs, k, rows.clone(), &mut a, rhs.k_pad);
-        let block = Block {
-            a: &a,
-            lines_per_row,
-            first: rows.start,
-            count: rows.len(),
-        };
-        assert!(block.count <= BLOCK_M && block.a.len() == BLOCK_M * lines_per_row);
-        // SAFETY: `kernel` is available (checked above); each task writes only the rows
-        // of its own block, every one of their n values; the kernels read `a` and `rhs`
-        // within their extents.
-        unsafe {
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                Bf16Kernel::Amx => amx::block_rows(&block, rhs, out),
-                #[cfg(target_arch = "x86_64")]
-                Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, out),
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("no bf16 kernel outside x86-64"),
-            }
-        };
-    });
+    let row_blocks = m.div_ceil(BLOCK_M);
+    let col_blocks = rhs.n.div_ceil(BLOCK_N);
+    let col_chunks = column_chunks(row_blocks, col_blocks, rayon::current_num_threads());
+    (0..row_blocks * col_chunks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (block, chunk) = (task / col_chunks, task % col_chunks);
+            let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
+            // This block's rows of lhs in bf16: (32 × k_pad), zero-padded. Converted again by
+            // each column chunk: only blocks too few to share out are split, and their rows
+            // are few (decoding: one per prompt; converting them once up front measured no
+            // faster).
+            let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
+            convert_block(lhs, k, rows.clone(), &mut a, rhs.k_pad);
+            let block = Block {
+                a: &a,
+                lines_per_row,
+                first: rows.start,
+                count: rows.len(),
+                col_blocks: chunk * col_blocks / col_chunks..(chunk + 1) * col_blocks / col_chunks,
+            };
+            assert!(block.count <= BLOCK_M && block.a.len() == BLOCK_M * lines_per_row);
+            // SAFETY: `kernel` is available (checked above); each task writes only the rows
+            // of its own block in the columns of its own chunk, every one of those values
+            // (the chunks of a block cover its n columns); the kernels read `a` and `rhs`
+            // within their extents.
+            unsafe {
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Bf16Kernel::Amx => amx::block_rows(&block, rhs, out),
+                    #[cfg(target_arch = "x86_64")]
+                    Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, out),
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("no bf16 kernel outside x86-64"),
+                }
+            };
+        });
+}
+
+/// Into how many chunks of columns `run` splits each row block. Row blocks alone keep
+/// the threads busy in training (1,024 rows: 32 blocks), but decoding multiplies one
+/// block (8 prompts) by each weight: unsplit, one thread streamed the whole model while
+/// the other waited (SmolLM2's shape: 44 ms a token for 8 prompts). Enough chunks for
+/// four tasks a thread, so that rayon can even out a thread slowed by others; never more
+/// than there are column blocks.
+fn column_chunks(row_blocks: usize, col_blocks: usize, threads: usize) -> usize {
+    let tasks = 4 * threads.max(1);
+    if row_blocks >= tasks {
+        return 1;
+    }
+    tasks
+        .div_ceil(row_blocks.max(1))
+        .clamp(1, col_blocks.max(1))
 }
 
 /// Rows `rows` of `lhs` (… × k) in bf16 into `a`, one row every `k_pad` values from its
@@ -451,6 +479,8 @@ struct Block<'a> {
     lines_per_row: usize,
     first: usize,
     count: usize,
+    /// The column blocks ([`BLOCK_N`] columns each) of the product to compute.
+    col_blocks: Range<usize>,
 }
 
 #[cfg(test)]
@@ -498,6 +528,19 @@ mod tests {
     /// largest partial sum, so 1e-5 relative to the largest |value| (k ≤ 100 terms here).
     /// The shapes cover partial row blocks, partial column panels, odd k and k < 32.
     #[test]
+    fn only_row_blocks_too_few_for_the_threads_are_split_by_columns() {
+        // Training: 1,024 rows are 32 blocks, enough tasks for 2 threads.
+        assert_eq!(column_chunks(32, 18, 2), 1);
+        // Decoding 8 prompts: one block, four tasks a thread.
+        assert_eq!(column_chunks(1, 18, 2), 8);
+        assert_eq!(column_chunks(3, 18, 2), 3);
+        // Never more chunks than column blocks, never none.
+        assert_eq!(column_chunks(1, 2, 2), 2);
+        assert_eq!(column_chunks(1, 1, 16), 1);
+        assert_eq!(column_chunks(0, 0, 0), 1);
+    }
+
+    #[test]
     fn every_kernel_matches_the_reference_on_edge_shapes() {
         let kernels = Bf16Kernel::available();
         if kernels.is_empty() {
@@ -514,6 +557,8 @@ mod tests {
                 (33, 17, 100),
                 (5, 40, 31),
                 (9, 33, 2),
+                // Decoding's shape: one row block, split into uneven column chunks.
+                (8, 300, 64),
             ] {
                 let x = values(m * k, 1.0);
                 let w = values(n * k, 2.0); // (n × k): a weight
