@@ -153,8 +153,7 @@ pub fn score_candidates(model: &Llama, questions: &[Vec<Candidate>]) -> Result<S
         }
         let r = chunk.len();
         let sel: Vec<u32> = chunk.iter().map(|&(q, _)| q as u32).collect();
-        let mut c_cache = cache.clone();
-        c_cache.select_rows(&Tensor::new(sel.as_slice(), device)?)?;
+        let mut c_cache = cache.with_rows(&Tensor::new(sel.as_slice(), device)?)?;
         let mut s_ids = vec![0u32; r * ts];
         let mut s_tgt = vec![0u32; r * ts];
         let mut s_mask = vec![0u32; r * (tp + ts)];

@@ -1,5 +1,6 @@
 //! Grouped-query self-attention with a causal + padding mask and an optional KV cache.
 
+use super::kv_cache::LayerKv;
 use super::rope::apply_rotary;
 use crate::nn::fused;
 use crate::nn::{Linear, Mode};
@@ -16,10 +17,6 @@ pub struct Attention {
     pub num_kv_heads: usize,
     pub head_dim: usize,
 }
-
-/// Keys and values of the positions seen so far, per layer: each (b, kv_heads, T, head_dim).
-#[derive(Clone, Debug, Default)]
-pub struct LayerKv(pub Option<(Tensor, Tensor)>);
 
 impl Attention {
     /// `x`: (b, t, hidden); `cos`/`sin`: (b, 1, t, head_dim); `mask`: additive, (b, 1, t, T)
@@ -43,15 +40,11 @@ impl Attention {
         let k = split_heads(&self.k_proj.forward(x, mode)?, b, t, kvh, hd)?;
         let v = split_heads(&self.v_proj.forward(x, mode)?, b, t, kvh, hd)?;
         let q = apply_rotary(&q, cos, sin)?;
-        let mut k = apply_rotary(&k, cos, sin)?;
-        let mut v = v;
-        if let Some(cache) = kv {
-            if let Some((pk, pv)) = &cache.0 {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            cache.0 = Some((k.clone(), v.clone()));
-        }
+        let k = apply_rotary(&k, cos, sin)?;
+        let (mut k, mut v) = match kv {
+            Some(cache) => cache.append(&k, &v)?,
+            None => (k, v),
+        };
         if let Some((pk, pv)) = prefix {
             let dtype = k.dtype();
             let before = |p: &Tensor| -> Result<Tensor> {
@@ -110,8 +103,9 @@ pub fn scaled_dot_product_composite(
     scale: f64,
 ) -> Result<Tensor> {
     let n_rep = q.dim(1)? / k.dim(1)?;
-    let k = repeat_kv(k, n_rep)?;
-    let v = repeat_kv(v, n_rep)?;
+    // A KV cache hands out views of its buffers; candle's matmul wants them contiguous.
+    let k = repeat_kv(&k.contiguous()?, n_rep)?;
+    let v = repeat_kv(&v.contiguous()?, n_rep)?;
     let scores = (q
         .to_dtype(DType::F32)?
         .matmul(&k.to_dtype(DType::F32)?.t()?)?

@@ -1,8 +1,9 @@
 //! The LLaMA decoder: embeddings → layers → final norm → output head, with logits for
 //! every position. Each layer reads its own widths from its tensors (see `shapes`).
 
-use super::attention::{Attention, LayerKv};
+use super::attention::Attention;
 use super::config::{LayerShape, LlamaConfig};
+use super::kv_cache::{KvCache, LayerKv};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
@@ -44,43 +45,6 @@ impl DecoderLayer {
             .forward(&h, cos, sin, mask, kv, prefix, mode)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         Ok((&x + self.mlp.forward(&h, mode)?)?)
-    }
-}
-
-/// Keys and values of every layer for incremental decoding.
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerKv::default(); num_layers],
-        }
-    }
-
-    /// Number of positions already cached.
-    pub fn seq_len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.0.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
-    }
-
-    /// Layer `i`'s cached keys and values, each (b, kv_heads, T, head_dim), post-rotary.
-    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
-        self.layers.get(i).and_then(|l| l.0.as_ref())
-    }
-
-    /// Keeps the batch rows `rows` (in that order): beam search reorders its beams this way.
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for layer in &mut self.layers {
-            if let Some((k, v)) = &layer.0 {
-                layer.0 = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
-            }
-        }
-        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dtype;
 pub mod gguf;
 pub mod hub;
+pub mod kv_cache;
 pub mod llama;
 pub mod loss;
 pub mod mlp;
@@ -21,7 +22,8 @@ pub mod weights;
 
 pub use config::{LayerShape, LlamaConfig};
 pub use dtype::{dtype_name, DtypeName};
-pub use llama::{KvCache, Llama};
+pub use kv_cache::KvCache;
+pub use llama::Llama;
 pub use tokenizer::TextTokenizer;
 pub use weights::Weights;
 

@@ -204,7 +204,7 @@ fn zero_length_prefix_equals_the_base_model() {
 fn rows_from_cache(model: &Llama, cache: &KvCache) -> Tensor {
     let mut blocks = Vec::new();
     for i in 0..model.num_layers() {
-        let (k, v) = cache.layer(i).unwrap();
+        let (k, v) = cache.layer(i).unwrap().unwrap();
         for t in [k, v] {
             // (1, kvh, n, hd) → (n, kvh · hd)
             let (_, kvh, n, hd) = t.dims4().unwrap();

@@ -10,6 +10,7 @@
 use crate::common::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var};
 use rora::model::attention::{scaled_dot_product, scaled_dot_product_composite};
+use rora::model::kv_cache::LayerKv;
 use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};
 use rora::model::norm::RmsNorm;
@@ -152,6 +153,42 @@ fn attention_matches_composite_with_grouped_heads_padding_and_cache() {
         let composite = scaled_dot_product_composite(&q, &k, &v, mask.as_ref(), scale).unwrap();
         let name = format!("attention h{heads}/kv{kv_heads} t{t} past{past} mask {masked}");
         assert_close(&name, compare(&fused, &composite, &[&q, &k, &v]));
+    }
+}
+
+/// What a KV cache hands the attention — views of larger buffers, heads a capacity apart —
+/// is read in place and gives exactly what its contiguous copy gives (same kernel, same
+/// order of sums: equal bit for bit), and what the composite gives (the file's tolerance).
+#[test]
+fn attention_reads_a_kv_caches_views_in_place() {
+    let (b, heads, kv_heads, hd) = (2, 4, 2, 8);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut layer = LayerKv::default();
+    // A prompt of 5, then single tokens: the buffers grow to 10 positions at the second.
+    for (step, t) in [5, 1, 1, 1].into_iter().enumerate() {
+        let seed = 20 + 3 * step as u64;
+        let k = randn(&[b, kv_heads, t, hd], seed);
+        let v = randn(&[b, kv_heads, t, hd], seed + 1);
+        let past = layer.len();
+        let (k_all, v_all) = layer.append(&k, &v).unwrap();
+        assert_eq!(k_all.is_contiguous(), step == 0, "step {step}");
+        let q = randn(&[b, heads, t, hd], seed + 2);
+        let mask = causal_mask(b, t, past, &[2, 0]);
+        let in_place = scaled_dot_product(&q, &k_all, &v_all, Some(&mask), scale).unwrap();
+        let copied = scaled_dot_product(
+            &q,
+            &k_all.contiguous().unwrap(),
+            &v_all.contiguous().unwrap(),
+            Some(&mask),
+            scale,
+        )
+        .unwrap();
+        assert_eq!(max_abs_diff(&in_place, &copied), 0.0, "step {step}");
+        // The composite path (other dtypes and devices) takes the views too.
+        let composite =
+            scaled_dot_product_composite(&q, &k_all, &v_all, Some(&mask), scale).unwrap();
+        let diff = max_abs_diff(&in_place, &composite);
+        assert!(diff <= 2e-6 * max_abs(&composite), "step {step}: {diff}");
     }
 }
 

@@ -9,6 +9,7 @@
 
 use super::math::{dot, exp, max, sum};
 use super::{cpu_f32, gemm, with_f32, Mat};
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -25,7 +26,51 @@ pub fn attention(
 ) -> Result<Tensor> {
     let op = AttentionOp::new(q, k, v, mask, scale)?;
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .apply_op3(&head_by_head(k)?, &head_by_head(v)?, op)
+}
+
+/// `t` (b, kv_heads, T, hd) as the forward kernel reads keys and values: each head's
+/// (T × hd) positions contiguous, consecutive heads evenly spaced. A KV cache's views are
+/// so already (heads a buffer's capacity apart) and are read in place; anything else is
+/// made contiguous.
+fn head_by_head(t: &Tensor) -> Result<Tensor> {
+    match t.is_contiguous() || head_stride(t.layout()).is_some() {
+        true => Ok(t.clone()),
+        false => t.contiguous(),
+    }
+}
+
+/// The distance between consecutive heads of a (b, kv_heads, T, hd) layout read head by
+/// head (see [`head_by_head`]), or `None` when it is not one.
+fn head_stride(layout: &Layout) -> Option<usize> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let &[_, heads, t, hd] = dims else {
+        return None;
+    };
+    let by_head =
+        stride[3] == 1 && stride[2] == hd && stride[1] >= t * hd && stride[0] == heads * stride[1];
+    by_head.then_some(stride[1])
+}
+
+/// The values of keys or values laid out head by head, from the first, and the distance
+/// between heads.
+fn head_blocks<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(values) = storage else {
+        bail!(
+            "fused-attention: expected f32 data, got {:?}",
+            storage.dtype()
+        )
+    };
+    let (dims, start) = (layout.dims(), layout.start_offset());
+    // candle counts a layout as contiguous whatever the strides of its size-1 dimensions
+    // (one new token's keys): read those as packed.
+    if let (Some((_, end)), &[.., t, hd]) = (layout.contiguous_offsets(), dims) {
+        return Ok((&values[start..end], t * hd));
+    }
+    let Some(stride) = head_stride(layout) else {
+        bail!("fused-attention: keys or values are not laid out head by head")
+    };
+    Ok((&values[start..], stride))
 }
 
 #[derive(Clone, Copy)]
@@ -104,22 +149,23 @@ impl AttentionOp {
         })
     }
 
-    /// The inputs of group `i` = batch row · kv_heads + kv head.
+    /// The inputs of group `i` = batch row · kv_heads + kv head, whose keys and values
+    /// start `i · kv_strides` values into `k` and `v` (contiguous: T · hd each).
     fn group<'a>(
         &self,
         q: &'a [f32],
-        k: &'a [f32],
-        v: &'a [f32],
+        (k, v): (&'a [f32], &'a [f32]),
         mask: &'a [f32],
         i: usize,
+        kv_strides: (usize, usize),
     ) -> Group<'a> {
         let d = self.dims;
         let (qn, kn, mn) = (d.group() * d.t * d.hd, d.tk * d.hd, d.t * d.tk);
         let row = i / d.kv_heads;
         Group {
             q: &q[i * qn..][..qn],
-            k: &k[i * kn..][..kn],
-            v: &v[i * kn..][..kn],
+            k: &k[i * kv_strides.0..][..kn],
+            v: &v[i * kv_strides.1..][..kn],
             mask: if mask.is_empty() {
                 mask
             } else {
@@ -192,18 +238,16 @@ impl CustomOp3 for AttentionOp {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            cpu_f32(q, q_layout, self.name())?,
-            cpu_f32(k, k_layout, self.name())?,
-            cpu_f32(v, v_layout, self.name())?,
-        );
+        let q = cpu_f32(q, q_layout, self.name())?;
+        let (k, k_stride) = head_blocks(k, k_layout)?;
+        let (v, v_stride) = head_blocks(v, v_layout)?;
         let Dims { t, tk, hd, .. } = self.dims;
         let mut out = vec![0f32; q.len()];
         self.with_mask(|mask| {
             out.par_chunks_mut(self.dims.group() * t * hd)
                 .enumerate()
                 .for_each(|(i, out)| {
-                    let g = self.group(q, k, v, mask, i);
+                    let g = self.group(q, (k, v), mask, i, (k_stride, v_stride));
                     let mut p = vec![0f32; t * tk];
                     for (qh, oh) in g.q.chunks(t * hd).zip(out.chunks_mut(t * hd)) {
                         self.probs(qh, &g, &mut p);
@@ -283,7 +327,7 @@ impl AttentionOp {
             .zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd)))
             .enumerate()
             .for_each(|(i, (dq, (dk, dv)))| {
-                let g = self.group(q, k, v, mask, i);
+                let g = self.group(q, (k, v), mask, i, (tk * hd, tk * hd));
                 let d_out = &d_out[i * qn..][..qn];
                 let (mut p, mut ds) = (vec![0f32; t * tk], vec![0f32; t * tk]);
                 let heads = g.q.chunks(t * hd).zip(d_out.chunks(t * hd));
