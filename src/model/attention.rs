@@ -36,9 +36,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = split_heads(&self.q_proj.forward(x, mode)?, b, t, h, hd)?;
-        let k = split_heads(&self.k_proj.forward(x, mode)?, b, t, kvh, hd)?;
-        let v = split_heads(&self.v_proj.forward(x, mode)?, b, t, kvh, hd)?;
+        let qkv = Linear::forward_each(&[&self.q_proj, &self.k_proj, &self.v_proj], x, mode)?;
+        let q = split_heads(&qkv[0], b, t, h, hd)?;
+        let k = split_heads(&qkv[1], b, t, kvh, hd)?;
+        let v = split_heads(&qkv[2], b, t, kvh, hd)?;
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         let (mut k, mut v) = match kv {

@@ -15,9 +15,9 @@ pub struct Mlp {
 impl Mlp {
     /// `x`: (b, t, hidden) → (b, t, hidden).
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, mode)?;
-        let up = self.up_proj.forward(x, mode)?;
-        self.down_proj.forward(&silu_mul(&gate, &up)?, mode)
+        let gate_up = Linear::forward_each(&[&self.gate_proj, &self.up_proj], x, mode)?;
+        self.down_proj
+            .forward(&silu_mul(&gate_up[0], &gate_up[1])?, mode)
     }
 }
 

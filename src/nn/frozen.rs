@@ -124,6 +124,46 @@ pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     Ok(out.reshape(out_dims)?)
 }
 
+/// [`frozen_matmul_t`] of one input with several weights in one parallel pass
+/// ([`fused::bf16::products_shared`]), where that applies: every weight packed for bf16,
+/// `x` f32 on the CPU and outside autograd's graph (the results carry no backward pass).
+/// `None` where it does not: the caller takes the products one by one.
+pub fn frozen_matmul_t_shared(x: &Tensor, ws: &[&FrozenWeight]) -> Result<Option<Vec<Tensor>>> {
+    let Some(packed) = ws.iter().map(|w| w.packed()).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    if x.track_op() || !fused::applies_to(x) {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = Vec::with_capacity(ws.len());
+    for w in ws {
+        let (out_dim, w_in) = w.tensor.dims2()?;
+        if w_in != in_dim {
+            bail!(
+                "matmul shape mismatch: input (..., {in_dim}) against weight ({out_dim}, {w_in})"
+            );
+        }
+        out_dims.push(out_dim);
+    }
+    let rhs: Vec<_> = packed.iter().map(|p| &p.forward).collect();
+    let ys = fused::with_f32(x, "frozen-matmul-t", |x| {
+        Ok(fused::bf16::products_shared(x, rows, &rhs))
+    })?;
+    let ys = ys
+        .into_iter()
+        .zip(out_dims)
+        .map(|(y, out_dim)| {
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("x has at least one dim") = out_dim;
+            Tensor::from_vec(y, shape, x.device())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(ys))
+}
+
 /// The op of [`frozen_matmul_t`] on a 2-D input (rows, in): applied with candle's
 /// `apply_op1` or `apply_op1_no_bwd` and its backward pass called by hand
 /// (`model::backprop`).

@@ -15,12 +15,12 @@ use rora::model::loss::{target_log_probs, target_log_probs_composite};
 use rora::model::mlp::{silu_mul, silu_mul_composite};
 use rora::model::norm::RmsNorm;
 use rora::model::rope::{apply_rotary, apply_rotary_composite};
-use rora::nn::frozen::{frozen_matmul_t, FrozenWeight, MatmulPrecision};
+use rora::nn::frozen::{frozen_matmul_t, frozen_matmul_t_shared, FrozenWeight, MatmulPrecision};
 use rora::nn::fused::bf16::Bf16Kernel;
 use rora::nn::fused::cross_entropy::head_target_log_probs;
 use rora::nn::fused::dropout::{dropout, DropoutMask};
 use rora::nn::fused::lora::BF16_GRAD_MIN_RANK;
-use rora::nn::{LoraAdapter, Mode};
+use rora::nn::{Adapter, Linear, LoraAdapter, Mode};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     // candle's CPU randn takes no seed; a fixed pattern keeps the tests deterministic.
@@ -273,6 +273,59 @@ fn packed_bf16(w: &Tensor) -> Option<FrozenWeight> {
         "no bf16 kernel (AMX or AVX512-BF16) on this CPU: bf16 products are not exercised",
     );
     None
+}
+
+/// Projections of one input share a parallel pass where they can — plain, bf16-packed, an
+/// input outside autograd's graph — each output equal, bit for bit, to its own forward's;
+/// with an input that needs its gradient, or an adapter on one of them, each runs its own
+/// forward (the gradient reaches the input; the adapter's update is in its output).
+#[test]
+fn projections_of_one_input_share_a_pass_with_their_own_values() {
+    let in_dim = 40;
+    let mut projections: Vec<Linear> = [56, 24, 24]
+        .iter()
+        .zip(30..)
+        .map(|(&out_dim, seed)| Linear::new((randn(&[out_dim, in_dim], seed) * 0.2).unwrap()))
+        .collect();
+    for p in &mut projections {
+        if !p.set_matmul_precision(MatmulPrecision::Bf16).unwrap() {
+            rora::require::skip_or_fail("bf16", "no bf16 kernel: shared products not exercised");
+            return;
+        }
+    }
+    let each_own = |projections: &[&Linear], x: &Tensor| {
+        let ys = Linear::forward_each(projections, x, Mode::Eval).unwrap();
+        assert_eq!(ys.len(), projections.len());
+        for (y, p) in ys.iter().zip(projections) {
+            let own = p.forward(x, Mode::Eval).unwrap();
+            assert_eq!(y.dims(), own.dims());
+            assert_eq!(max_abs_diff(y, &own), 0.0);
+        }
+        ys
+    };
+    let refs: Vec<&Linear> = projections.iter().collect();
+    let weights: Vec<&FrozenWeight> = projections.iter().map(Linear::frozen_weight).collect();
+    let plain = randn(&[2, 9, in_dim], 33);
+    assert!(frozen_matmul_t_shared(&plain, &weights).unwrap().is_some());
+    each_own(&refs, &plain);
+    let x = var(&[2, 9, in_dim], 34);
+    assert!(frozen_matmul_t_shared(&x, &weights).unwrap().is_none());
+    let ys = each_own(&refs, &x);
+    let total = ys
+        .iter()
+        .map(|y| y.sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap());
+    let grads = total.unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_some(), "no gradient reached the input");
+    projections[1].set_adapter(Some(Adapter::Lora(LoraAdapter {
+        a: var(&[4, in_dim], 35),
+        b: var(&[24, 4], 36),
+        scale: 2.0,
+        dropout: 0.0,
+        id: 1,
+    })));
+    let refs: Vec<&Linear> = projections.iter().collect();
+    each_own(&refs, &randn(&[2, 9, in_dim], 37));
 }
 
 /// `max |a − b| / max |b|`.

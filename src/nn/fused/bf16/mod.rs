@@ -316,6 +316,44 @@ fn product_new(kernel: Bf16Kernel, lhs: Mat, m: usize, rhs: &PackedRhs) -> Vec<f
     dst
 }
 
+/// `lhs (m × k) · rhs` for each of `rhs` (all k deep), in one parallel pass
+/// ([`run_shared`]): the products of a layer's q, k and v (or gate and up), which read
+/// the same input. Each result equals [`product`]'s, bit for bit.
+pub fn products_shared(lhs: &[f32], m: usize, rhs: &[&PackedRhs]) -> Vec<Vec<f32>> {
+    products_shared_with(best_kernel(), lhs, m, rhs)
+}
+
+/// [`products_shared`] with a given kernel, which must be one of [`Bf16Kernel::available`].
+pub fn products_shared_with(
+    kernel: Bf16Kernel,
+    lhs: &[f32],
+    m: usize,
+    rhs: &[&PackedRhs],
+) -> Vec<Vec<f32>> {
+    let Some(first) = rhs.first() else {
+        return Vec::new();
+    };
+    let mut dsts: Vec<Vec<f32>> = rhs.iter().map(|r| Vec::with_capacity(m * r.n)).collect();
+    let products: Vec<(&PackedRhs, Out)> = rhs
+        .iter()
+        .zip(dsts.iter_mut())
+        .map(|(&r, dst)| {
+            let out = Out {
+                ptr: dst.as_mut_ptr(),
+                n: r.n,
+                add_scaled: None,
+            };
+            (r, out)
+        })
+        .collect();
+    run_shared(kernel, Mat::rows(lhs, first.k), m, &products);
+    for (dst, r) in dsts.iter_mut().zip(rhs) {
+        // SAFETY: `run_shared` stored every one of the m × n values of each product.
+        unsafe { dst.set_len(m * r.n) };
+    }
+    dsts
+}
+
 /// [`product_add`] with a given kernel, which must be one of [`Bf16Kernel::available`].
 pub fn product_add_with(
     kernel: Bf16Kernel,
@@ -364,50 +402,76 @@ unsafe impl Sync for Out {}
 /// Runs `kernel` over the row blocks of `lhs (m × k) · rhs`, writing every value of rows
 /// 0..m of `out`, whose `ptr` must be valid for m × n values and alias neither operand.
 fn run(kernel: Bf16Kernel, lhs: Mat, m: usize, rhs: &PackedRhs, out: Out) {
+    run_shared(kernel, lhs, m, &[(rhs, out)]);
+}
+
+/// [`run`] for several right operands of the same left one (q, k and v of one input), in
+/// one parallel pass: each product's tasks — a row block, split into column chunks where
+/// the blocks are too few — are shared out together, so the threads meet once for all of
+/// them instead of once each.
+fn run_shared(kernel: Bf16Kernel, lhs: Mat, m: usize, products: &[(&PackedRhs, Out)]) {
     assert!(
         Bf16Kernel::available().contains(&kernel),
         "bf16 products: this CPU has no {kernel} kernel"
     );
-    let k = rhs.k;
+    let Some(&(first, _)) = products.first() else {
+        return;
+    };
+    let (k, k_pad) = (first.k, first.k_pad);
+    assert!(
+        products.iter().all(|(rhs, _)| rhs.k == k),
+        "bf16: right operands of different depths"
+    );
     assert!(lhs.data.len() >= lhs.extent(m, k), "bf16: lhs too small");
-    let lines_per_row = rhs.k_pad / TILE_K;
+    let lines_per_row = k_pad / TILE_K;
     let row_blocks = m.div_ceil(BLOCK_M);
-    let col_blocks = rhs.n.div_ceil(BLOCK_N);
-    let col_chunks = column_chunks(row_blocks, col_blocks, rayon::current_num_threads());
-    (0..row_blocks * col_chunks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (block, chunk) = (task / col_chunks, task % col_chunks);
-            let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
-            // This block's rows of lhs in bf16: (32 × k_pad), zero-padded. Converted again by
-            // each column chunk: only blocks too few to share out are split, and their rows
-            // are few (decoding: one per prompt; converting them once up front measured no
-            // faster).
-            let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
-            convert_block(lhs, k, rows.clone(), &mut a, rhs.k_pad);
-            let block = Block {
-                a: &a,
-                lines_per_row,
-                first: rows.start,
-                count: rows.len(),
-                col_blocks: chunk * col_blocks / col_chunks..(chunk + 1) * col_blocks / col_chunks,
-            };
-            assert!(block.count <= BLOCK_M && block.a.len() == BLOCK_M * lines_per_row);
-            // SAFETY: `kernel` is available (checked above); each task writes only the rows
-            // of its own block in the columns of its own chunk, every one of those values
-            // (the chunks of a block cover its n columns); the kernels read `a` and `rhs`
-            // within their extents.
-            unsafe {
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Amx => amx::block_rows(&block, rhs, out),
-                    #[cfg(target_arch = "x86_64")]
-                    Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, out),
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!("no bf16 kernel outside x86-64"),
-                }
-            };
-        });
+    let threads = rayon::current_num_threads();
+    // (product, row block, column blocks) of every task.
+    let tasks: Vec<(usize, usize, Range<usize>)> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(p, (rhs, _))| {
+            let col_blocks = rhs.n.div_ceil(BLOCK_N);
+            let chunks = column_chunks(row_blocks, col_blocks, threads);
+            (0..row_blocks * chunks).map(move |task| {
+                let (block, chunk) = (task / chunks, task % chunks);
+                let cols = chunk * col_blocks / chunks..(chunk + 1) * col_blocks / chunks;
+                (p, block, cols)
+            })
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(p, block, col_blocks)| {
+        let (rhs, out) = products[p];
+        let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
+        // This block's rows of lhs in bf16: (32 × k_pad), zero-padded. Converted again by
+        // each column chunk and product: only blocks too few to share out are split, and
+        // their rows are few (decoding: one per prompt; converting them once up front
+        // measured no faster).
+        let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
+        convert_block(lhs, k, rows.clone(), &mut a, k_pad);
+        let block = Block {
+            a: &a,
+            lines_per_row,
+            first: rows.start,
+            count: rows.len(),
+            col_blocks,
+        };
+        assert!(block.count <= BLOCK_M && block.a.len() == BLOCK_M * lines_per_row);
+        // SAFETY: `kernel` is available (checked above); each task writes only the rows
+        // of its own block in the columns of its own chunk of its own product's `out`,
+        // every one of those values (the chunks of a block cover its n columns); the
+        // kernels read `a` and `rhs` within their extents.
+        unsafe {
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Bf16Kernel::Amx => amx::block_rows(&block, rhs, out),
+                #[cfg(target_arch = "x86_64")]
+                Bf16Kernel::Avx512 => avx512::block_rows(&block, rhs, out),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("no bf16 kernel outside x86-64"),
+            }
+        };
+    });
 }
 
 /// Into how many chunks of columns `run` splits each row block. Row blocks alone keep
@@ -527,6 +591,41 @@ mod tests {
     /// exact products in f32 in different orders: the difference is a few ulps of the
     /// largest partial sum, so 1e-5 relative to the largest |value| (k ≤ 100 terms here).
     /// The shapes cover partial row blocks, partial column panels, odd k and k < 32.
+    #[test]
+    fn products_of_one_input_in_one_pass_equal_the_separate_ones() {
+        let kernels = Bf16Kernel::available();
+        if kernels.is_empty() {
+            crate::require::skip_or_fail("bf16", "no bf16 kernel on this CPU (AMX or AVX512-BF16)");
+        }
+        let k = 70;
+        let weights: Vec<(usize, Vec<f32>)> = [45, 300, 16]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (n, values(n * k, 2.0 + i as f32)))
+            .collect();
+        let packed: Vec<PackedRhs> = weights
+            .iter()
+            .map(|(n, w)| PackedRhs::for_product_t(w, *n, k))
+            .collect();
+        let rhs: Vec<&PackedRhs> = packed.iter().collect();
+        for &kernel in kernels {
+            // Decoding's one row block (split by columns) and training's many (not split).
+            for m in [8, 100] {
+                let x = values(m * k, 1.0);
+                let shared = products_shared_with(kernel, &x, m, &rhs);
+                assert_eq!(shared.len(), rhs.len());
+                for (got, r) in shared.iter().zip(&rhs) {
+                    assert_eq!(
+                        got,
+                        &product_with(kernel, &x, m, r),
+                        "{kernel} m {m} n {}",
+                        r.n
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn only_row_blocks_too_few_for_the_threads_are_split_by_columns() {
         // Training: 1,024 rows are 32 blocks, enough tasks for 2 threads.
