@@ -57,12 +57,26 @@ pub fn generate(
     Ok(out)
 }
 
-/// Last-position logits → log-probabilities, (b, vocab) f32 rows.
-fn last_log_probs(model: &Llama, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+/// The last position's logits, (b, vocab) f32.
+fn last_logits(model: &Llama, hidden: &Tensor) -> Result<Tensor> {
     let t = hidden.dim(1)?;
     let last = hidden.i((.., t - 1, ..))?.contiguous()?;
-    let logits = model.lm_head(&last)?.to_dtype(DType::F32)?;
-    Ok(candle_nn::ops::log_softmax(&logits, 1)?.to_vec2::<f32>()?)
+    Ok(model.lm_head(&last)?.to_dtype(DType::F32)?)
+}
+
+/// Logits (b, vocab) → log-probabilities, one row per batch row: what beam search ranks.
+fn log_probs(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(candle_nn::ops::log_softmax(logits, 1)?.to_vec2::<f32>()?)
+}
+
+/// Each row's greedy token: the argmax of its logits, which is the argmax of its
+/// log-probabilities without their log-softmax (3% of a SmolLM2 decoding step).
+fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|row| argmax_f32(row))
+        .collect())
 }
 
 fn argmax_f32(v: &[f32]) -> u32 {
@@ -76,9 +90,9 @@ fn argmax_f32(v: &[f32]) -> u32 {
 }
 
 /// Runs `prompts` left-padded through the model into a fresh cache. Returns the cache,
-/// the attention mask rows (1 real, 0 padding) and the last position's log-probs.
-/// A prefilled batch: the cache, the attention mask rows, the last log-probs per row.
-type Prefilled = (KvCache, Vec<Vec<u32>>, Vec<Vec<f32>>);
+/// the attention mask rows (1 real, 0 padding) and the last position's logits.
+/// A prefilled batch: the cache, the attention mask rows, the last logits (b, vocab).
+type Prefilled = (KvCache, Vec<Vec<u32>>, Tensor);
 
 fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<Prefilled> {
     let b = prompts.len();
@@ -102,18 +116,12 @@ fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<Prefilled> {
         Some(&mut cache),
         Mode::Eval,
     )?;
-    let lp = last_log_probs(model, &hidden)?;
-    Ok((cache, mask, lp))
+    Ok((cache, mask, last_logits(model, &hidden)?))
 }
 
 /// One decoding step: `next` (one token per row) appended to every row, the cache and
-/// the mask grown by one position. Returns the new last log-probs.
-fn step(
-    model: &Llama,
-    cache: &mut KvCache,
-    mask: &mut [Vec<u32>],
-    next: &[u32],
-) -> Result<Vec<Vec<f32>>> {
+/// the mask grown by one position. Returns the new last logits (b, vocab).
+fn step(model: &Llama, cache: &mut KvCache, mask: &mut [Vec<u32>], next: &[u32]) -> Result<Tensor> {
     let device = model.device();
     for row in mask.iter_mut() {
         row.push(1);
@@ -122,7 +130,7 @@ fn step(
     let mask_t = Tensor::new(mask.to_vec(), device)?;
     let hidden =
         model.forward_embeds(&model.embed(&ids)?, Some(&mask_t), Some(cache), Mode::Eval)?;
-    last_log_probs(model, &hidden)
+    last_logits(model, &hidden)
 }
 
 /// Greedy decoding of several prompts at once (left padding, KV cache): up to `max_new`
@@ -138,10 +146,10 @@ pub fn greedy_batch(
     if b == 0 || max_new == 0 {
         return Ok(out);
     }
-    let (mut cache, mut mask, mut lp) = prefill(model, prompts)?;
+    let (mut cache, mut mask, mut logits) = prefill(model, prompts)?;
     let mut done = vec![false; b];
     for n in 0..max_new {
-        let next: Vec<u32> = lp.iter().map(|row| argmax_f32(row)).collect();
+        let next = argmax_rows(&logits)?;
         for r in 0..b {
             if done[r] {
                 continue;
@@ -155,7 +163,7 @@ pub fn greedy_batch(
         if n + 1 == max_new || done.iter().all(|d| *d) {
             break;
         }
-        lp = step(model, &mut cache, &mut mask, &next)?;
+        logits = step(model, &mut cache, &mut mask, &next)?;
     }
     Ok(out)
 }
@@ -173,7 +181,7 @@ pub fn greedy_no_cache(
     for _ in 0..max_new {
         let ids = Tensor::new(seq.as_slice(), model.device())?.unsqueeze(0)?;
         let hidden = model.forward_embeds(&model.embed(&ids)?, None, None, Mode::Eval)?;
-        let next = argmax_f32(&last_log_probs(model, &hidden)?[0]);
+        let next = argmax_rows(&last_logits(model, &hidden)?)?[0];
         if eos.contains(&next) {
             break;
         }
@@ -208,7 +216,8 @@ pub fn beam_search_batch(
     if b == 0 || max_new == 0 {
         return Ok(vec![Vec::new(); b]);
     }
-    let (mut cache, mask0, lp0) = prefill(model, prompts)?;
+    let (mut cache, mask0, logits0) = prefill(model, prompts)?;
+    let lp0 = log_probs(&logits0)?;
     // Replicate each prompt's row into its beams.
     let rep: Vec<u32> = (0..b * nb).map(|r| (r / nb) as u32).collect();
     cache.select_rows(&Tensor::new(rep.as_slice(), model.device())?)?;
@@ -317,7 +326,7 @@ pub fn beam_search_batch(
             .iter()
             .map(|&r| mask[r as usize].clone())
             .collect();
-        lp = step(model, &mut cache, &mut mask, &next_tok)?;
+        lp = log_probs(&step(model, &mut cache, &mut mask, &next_tok)?)?;
     }
     let mut out = Vec::with_capacity(b);
     for q in 0..b {
