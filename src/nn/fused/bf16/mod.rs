@@ -426,6 +426,7 @@ fn run_shared(kernel: Bf16Kernel, lhs: Mat, m: usize, products: &[(&PackedRhs, O
     let lines_per_row = k_pad / TILE_K;
     let row_blocks = m.div_ceil(BLOCK_M);
     let threads = rayon::current_num_threads();
+    let rows_of = |block: usize| block * BLOCK_M..m.min((block + 1) * BLOCK_M);
     // (product, row block, column blocks) of every task.
     let tasks: Vec<(usize, usize, Range<usize>)> = products
         .iter()
@@ -440,17 +441,31 @@ fn run_shared(kernel: Bf16Kernel, lhs: Mat, m: usize, products: &[(&PackedRhs, O
             })
         })
         .collect();
+    // A block's rows of lhs in bf16: (32 × k_pad), zero-padded.
+    let convert = |block: usize| {
+        let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
+        convert_block(lhs, k, rows_of(block), &mut a, k_pad);
+        a
+    };
+    // A block read by several tasks (column chunks, several products) is converted once,
+    // up front; otherwise each task converts its own, which then stays in its core's cache.
+    let converted: Vec<Vec<Line>> = match tasks.len() > row_blocks {
+        true => (0..row_blocks).map(convert).collect(),
+        false => Vec::new(),
+    };
     tasks.into_par_iter().for_each(|(p, block, col_blocks)| {
         let (rhs, out) = products[p];
-        let rows = block * BLOCK_M..m.min((block + 1) * BLOCK_M);
-        // This block's rows of lhs in bf16: (32 × k_pad), zero-padded. Converted again by
-        // each column chunk and product: only blocks too few to share out are split, and
-        // their rows are few (decoding: one per prompt; converting them once up front
-        // measured no faster).
-        let mut a = vec![ZERO_LINE; BLOCK_M * lines_per_row];
-        convert_block(lhs, k, rows.clone(), &mut a, k_pad);
+        let rows = rows_of(block);
+        let own;
+        let a = match converted.get(block) {
+            Some(a) => a,
+            None => {
+                own = convert(block);
+                &own
+            }
+        };
         let block = Block {
-            a: &a,
+            a,
             lines_per_row,
             first: rows.start,
             count: rows.len(),
