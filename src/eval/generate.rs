@@ -90,11 +90,11 @@ fn argmax_f32(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// Runs `prompts` left-padded through the model into a fresh cache. Returns the cache,
-/// the attention mask rows (1 real, 0 padding) and the last position's logits.
 /// A prefilled batch: the cache, the attention mask rows, the last logits (b, vocab).
 type Prefilled = (KvCache, Vec<Vec<u32>>, Tensor);
 
+/// Runs `prompts` left-padded through the model into a fresh cache. Returns the cache,
+/// the attention mask rows (1 real, 0 padding) and the last position's logits.
 fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<Prefilled> {
     let b = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);

@@ -97,13 +97,8 @@ impl FrozenWeight {
 
 /// `x`: (..., in), `w`: (out, in) → (..., out). `w` gets no gradient; `x` does.
 pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
-    let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let (out_dim, w_in) = w.tensor.dims2()?;
-    if w_in != in_dim {
-        bail!("matmul shape mismatch: input (..., {in_dim}) against weight ({out_dim}, {w_in})");
-    }
+    let (rows, in_dim) = rows_and_width(x);
+    let out_dims = output_dims(x, w)?;
     if x.dtype() != w.tensor.dtype() {
         bail!(
             "matmul dtype mismatch: input {:?}, weight {:?}",
@@ -119,9 +114,26 @@ pub fn frozen_matmul_t(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     } else {
         x2.matmul(&w.tensor.t()?)?
     };
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has at least one dim") = out_dim;
     Ok(out.reshape(out_dims)?)
+}
+
+/// `x` (..., in) as (rows, in).
+fn rows_and_width(x: &Tensor) -> (usize, usize) {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    (dims[..dims.len() - 1].iter().product(), in_dim)
+}
+
+/// The shape of `x Wᵀ`, (..., out), after checking that `w` (out, in) fits `x` (..., in).
+fn output_dims(x: &Tensor, w: &FrozenWeight) -> Result<Vec<usize>> {
+    let in_dim = rows_and_width(x).1;
+    let (out_dim, w_in) = w.tensor.dims2()?;
+    if w_in != in_dim {
+        bail!("matmul shape mismatch: input (..., {in_dim}) against weight ({out_dim}, {w_in})");
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has at least one dim") = out_dim;
+    Ok(dims)
 }
 
 /// [`frozen_matmul_t`] of one input with several weights in one parallel pass
@@ -135,31 +147,19 @@ pub fn frozen_matmul_t_shared(x: &Tensor, ws: &[&FrozenWeight]) -> Result<Option
     if x.track_op() || !fused::applies_to(x) {
         return Ok(None);
     }
-    let dims = x.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let mut out_dims = Vec::with_capacity(ws.len());
-    for w in ws {
-        let (out_dim, w_in) = w.tensor.dims2()?;
-        if w_in != in_dim {
-            bail!(
-                "matmul shape mismatch: input (..., {in_dim}) against weight ({out_dim}, {w_in})"
-            );
-        }
-        out_dims.push(out_dim);
-    }
+    let rows = rows_and_width(x).0;
+    let shapes = ws
+        .iter()
+        .map(|w| output_dims(x, w))
+        .collect::<Result<Vec<_>>>()?;
     let rhs: Vec<_> = packed.iter().map(|p| &p.forward).collect();
     let ys = fused::with_f32(x, "frozen-matmul-t", |x| {
         Ok(fused::bf16::products_shared(x, rows, &rhs))
     })?;
     let ys = ys
         .into_iter()
-        .zip(out_dims)
-        .map(|(y, out_dim)| {
-            let mut shape = dims.to_vec();
-            *shape.last_mut().expect("x has at least one dim") = out_dim;
-            Tensor::from_vec(y, shape, x.device())
-        })
+        .zip(shapes)
+        .map(|(y, shape)| Tensor::from_vec(y, shape, x.device()))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Some(ys))
 }

@@ -6,8 +6,9 @@
 //! The key is xxh3-128 over rora's version, the settings (label and cache folder left
 //! out: they do not change a number), the precision the products ran at, the seed, the
 //! resolved BOS, the tokenizer, the model config and every tensor — embeddings, norms,
-//! head, each projection's weight and its adapter's tensors and scale — bit for bit. An entry is `<key>.json` (the report)
-//! and `<key>.jsonl` (its question records), written atomically.
+//! head, each projection's weight and its adapter's tensors and scale — bit for bit. An
+//! entry is `<key>.json` (the report) and `<key>.jsonl` (its question records), written
+//! atomically.
 
 use crate::eval::{EvalReport, EvalRun, EvalSpec, QuestionRecord};
 use crate::fsx;

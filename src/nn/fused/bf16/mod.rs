@@ -489,7 +489,7 @@ fn run_shared(kernel: Bf16Kernel, lhs: Mat, m: usize, products: &[(&PackedRhs, O
     });
 }
 
-/// Into how many chunks of columns `run` splits each row block. Row blocks alone keep
+/// Into how many chunks of columns [`run_shared`] splits each row block. Row blocks alone keep
 /// the threads busy in training (1,024 rows: 32 blocks), but decoding multiplies one
 /// block (8 prompts) by each weight: unsplit, one thread streamed the whole model while
 /// the other waited (SmolLM2's shape: 44 ms a token for 8 prompts). Enough chunks for
@@ -602,10 +602,6 @@ mod tests {
         assert_eq!(round_to_bf16(f32::MAX), f32::INFINITY);
     }
 
-    /// Each kernel this CPU has against the f32 product of the rounded operands. Both sum
-    /// exact products in f32 in different orders: the difference is a few ulps of the
-    /// largest partial sum, so 1e-5 relative to the largest |value| (k ≤ 100 terms here).
-    /// The shapes cover partial row blocks, partial column panels, odd k and k < 32.
     #[test]
     fn products_of_one_input_in_one_pass_equal_the_separate_ones() {
         let kernels = Bf16Kernel::available();
@@ -654,6 +650,10 @@ mod tests {
         assert_eq!(column_chunks(0, 0, 0), 1);
     }
 
+    /// Each kernel this CPU has against the f32 product of the rounded operands. Both sum
+    /// exact products in f32 in different orders: the difference is a few ulps of the
+    /// largest partial sum, so 1e-5 relative to the largest |value| (k ≤ 100 terms here).
+    /// The shapes cover partial row blocks, partial column panels, odd k and k < 32.
     #[test]
     fn every_kernel_matches_the_reference_on_edge_shapes() {
         let kernels = Bf16Kernel::available();
