@@ -52,19 +52,16 @@ impl Gradients {
     }
 }
 
-/// What one projection's backward pass needs.
+/// What one projection's backward pass needs besides its input, which the caller keeps
+/// or recomputes: a layer's normed inputs and its SwiGLU product cost one element-wise
+/// pass to recompute and over a third of a layer's saved activations to keep.
 pub struct ProjectionTape(Saved);
 
 enum Saved {
     /// No adapter: `dx = dy W`.
-    Frozen { op: FrozenMatmulT, x: Tensor },
+    Frozen { op: FrozenMatmulT },
     /// LoRA / RoRA through the fused op and its own backward pass.
-    Lora {
-        op: LoraOp,
-        x: Tensor,
-        a: Var,
-        b: Var,
-    },
+    Lora { op: LoraOp, a: Var, b: Var },
     /// Any other adapter: its forward pass as candle recorded it from `input`.
     Recorded {
         input: Var,
@@ -88,7 +85,7 @@ pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, Proje
         (None, _) if fused::applies_to(&x) => {
             let op = FrozenMatmulT::new(weight)?;
             let y = x.apply_op1_no_bwd(&op)?;
-            Ok((y, ProjectionTape(Saved::Frozen { op, x })))
+            Ok((y, ProjectionTape(Saved::Frozen { op })))
         }
         (_, Some(l)) => {
             let mask = dropout::mask(mode, l.dropout, l.id);
@@ -104,7 +101,6 @@ pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, Proje
             let y = x.apply_op3_no_bwd(l.a.as_tensor(), l.b.as_tensor(), &op)?;
             let tape = ProjectionTape(Saved::Lora {
                 op,
-                x,
                 a: l.a.clone(),
                 b: l.b.clone(),
             });
@@ -130,12 +126,14 @@ pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, Proje
 
 impl ProjectionTape {
     /// The input's gradient (rows, in) for the output's `dy` (rows, out); the adapter's
-    /// gradients go into `grads`.
-    pub fn backward(&self, dy: &Tensor, grads: &mut Gradients) -> Result<Tensor> {
+    /// gradients go into `grads`. `x` (rows, in) is the input [`forward`] was given, the
+    /// same values (a recorded adapter kept its own).
+    pub fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Gradients) -> Result<Tensor> {
         match &self.0 {
-            Saved::Frozen { op, x } => op.vjp(x, dy)?.context("frozen product: no input gradient"),
-            Saved::Lora { op, x, a, b } => {
-                let (dx, da, db) = op.vjp(x, a.as_tensor(), b.as_tensor(), dy)?;
+            Saved::Frozen { op } => op.vjp(x, dy)?.context("frozen product: no input gradient"),
+            Saved::Lora { op, a, b } => {
+                let x = x.contiguous()?;
+                let (dx, da, db) = op.vjp(&x, a.as_tensor(), b.as_tensor(), dy)?;
                 if let Some(da) = da {
                     grads.add(a, da)?;
                 }

@@ -165,15 +165,15 @@ pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
         .map_or(0, |a| a.trainable_params(h, cfg.head_dim(), &shapes));
     let (b, t) = finetune.map_or((0, 0), |f| (f.micro_batch_size as u64, f.cutoff_len as u64));
     // Activations the explicit backward pass keeps, per token and layer: the layer input,
-    // both norms' outputs, the rotated queries, the attention output and the residual after
-    // attention (6·hidden), the rotated keys and the values (2·kv width), and the MLP's
-    // gate, up and activation (3·mlp); attention probabilities and dropout masks are
-    // recomputed, not kept. With activation checkpointing only each layer's input is kept,
+    // the rotated queries, the attention output and the residual after attention
+    // (4·hidden), the rotated keys and the values (2·kv width), and the MLP's gate and up
+    // (2·mlp); the norms' outputs, the SwiGLU product, attention probabilities and dropout
+    // masks are recomputed, not kept. With activation checkpointing only each layer's input is kept,
     // plus one layer's full set while its backward pass runs. The head's blockwise loss
     // keeps a gradient row per token (hidden) and never the whole logits.
     let checkpointing = finetune.is_some_and(|f| f.activation_checkpointing);
     let layer_values = |sh: &LayerShape| -> u64 {
-        6 * h as u64 + 2 * (sh.num_key_value_heads * hd) as u64 + 3 * sh.intermediate_size as u64
+        4 * h as u64 + 2 * (sh.num_key_value_heads * hd) as u64 + 2 * sh.intermediate_size as u64
     };
     let act_per_token: u64 = if checkpointing {
         shapes.len() as u64 * h as u64 + shapes.iter().map(layer_values).max().unwrap_or(0)
@@ -181,9 +181,9 @@ pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
         shapes.iter().map(layer_values).sum::<u64>()
     } + 2 * h as u64;
     let act_formula = if checkpointing {
-        "micro batch {b} × cutoff {t} × (layers·hidden + max layer (6·hidden + 2·kv + 3·mlp) + 2·hidden), × 4 B"
+        "micro batch {b} × cutoff {t} × (layers·hidden + max layer (4·hidden + 2·kv + 2·mlp) + 2·hidden), × 4 B"
     } else {
-        "micro batch {b} × cutoff {t} × (Σ_layers(6·hidden + 2·kv + 3·mlp) + 2·hidden), × 4 B"
+        "micro batch {b} × cutoff {t} × (Σ_layers(4·hidden + 2·kv + 2·mlp) + 2·hidden), × 4 B"
     }
     .replace("{b}", &b.to_string())
     .replace("{t}", &t.to_string());
