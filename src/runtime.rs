@@ -1,4 +1,8 @@
-//! Process-wide settings that must be made before the first tensor operation.
+//! Process-wide settings that must be made before the first tensor operation, and how
+//! work runs on rayon's pool.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// candle runs elementwise ops on a pool of spin-waiting threads sized by
 /// `CANDLE_NUM_THREADS`. On a 2-core machine the spinning main thread and the worker
@@ -52,6 +56,61 @@ pub fn run_on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
 
+/// Runs `work` (on a worker of rayon's pool) while the pool's other workers wait for its
+/// parallel tasks spinning instead of asleep.
+///
+/// An idle rayon worker yields a few times and then sleeps on a futex; the next parallel
+/// product has to wake it (a system call and a context switch, ~10–50 µs before it takes
+/// its share). Decoding runs ~120 parallel products a token on SmolLM2's shape with
+/// serial work between them (norms, rotary, attention over the cache) longer than
+/// rayon's spin, so every product paid that: `perf` put futex wake-ups and sleeps at
+/// ~15% of a bf16 decoding step. Here each other worker runs a job that steals pending
+/// tasks in a loop (`rayon::yield_now`) until `work` returns — a busy core, as
+/// llama.cpp's spinning thread pool has, for as long as `work` lasts. Meant for short,
+/// latency-bound loops (decoding); throughput-bound work (training) keeps every core
+/// busy on its own. Outside the pool, or with one thread, `work` simply runs.
+pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
+    let Some(me) = rayon::current_thread_index() else {
+        return work();
+    };
+    let others = rayon::current_num_threads().saturating_sub(1);
+    let done = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    for _ in 0..others {
+        let (done, started) = (done.clone(), started.clone());
+        rayon::spawn(move || {
+            // Picked up by `work`'s own thread while it waits inside `work` (a spawned job
+            // sits on its deque): spinning there would never let `work` return.
+            if rayon::current_thread_index() == Some(me) {
+                return;
+            }
+            started.fetch_add(1, Ordering::Release);
+            while !done.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    // Not a pure spin: on a machine with more runnable threads than cores
+                    // (two jobs at once) the core goes to them, not to this loop.
+                    std::thread::yield_now();
+                }
+            }
+        });
+    }
+    // Let the spinners leave this thread's deque before `work` pushes tasks above them;
+    // a worker busy elsewhere just joins later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(5);
+    while started.load(Ordering::Acquire) < others && std::time::Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    /// Stops the spinners when `work` returns or panics.
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _stop = Stop(done);
+    work()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -65,6 +124,54 @@ mod tests {
         assert!(
             index.is_some(),
             "run_on_pool ran its work outside rayon's pool"
+        );
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a local pool")
+    }
+
+    /// Work that splits into parallel tasks gets the right answer while the other workers
+    /// spin, whether they were idle or busy when it started (the spinner then waits on the
+    /// caller's own deque, where the caller may pick it up), and outside any pool.
+    #[test]
+    fn work_runs_to_its_end_while_the_other_workers_spin() {
+        use rayon::prelude::*;
+        let sum = || (0..100_000u64).into_par_iter().map(|i| i % 7).sum::<u64>();
+        let want: u64 = (0..100_000u64).map(|i| i % 7).sum();
+        assert_eq!(super::with_workers_spinning(sum), want, "outside the pool");
+        for threads in [1, 2, 3] {
+            let got = pool(threads).install(|| super::with_workers_spinning(sum));
+            assert_eq!(got, want, "{threads} idle workers");
+        }
+        let busy = pool(2);
+        let got = busy.install(|| {
+            let (_, got) = rayon::join(
+                || std::thread::sleep(std::time::Duration::from_millis(30)),
+                || super::with_workers_spinning(|| (0..20).map(|_| sum()).sum::<u64>()),
+            );
+            got
+        });
+        assert_eq!(got, 20 * want, "the other worker busy at the start");
+    }
+
+    /// A panic inside the work reaches the caller, and the pool runs parallel work after it.
+    #[test]
+    fn a_panic_in_the_work_reaches_the_caller() {
+        use rayon::prelude::*;
+        let p = pool(2);
+        let caught = p.install(|| {
+            std::panic::catch_unwind(|| super::with_workers_spinning(|| panic!("boom")))
+        });
+        assert!(caught.is_err());
+        let seen = p.broadcast(|ctx| ctx.index());
+        assert_eq!(seen, vec![0, 1]);
+        assert_eq!(
+            p.install(|| (0..1000u32).into_par_iter().sum::<u32>()),
+            499_500
         );
     }
 }

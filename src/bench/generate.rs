@@ -1,5 +1,5 @@
 //! `recover bench generate`: times the `generate` protocol's decoding — greedy, batched
-//! with left padding, KV cache — with the eval's own [`greedy_batch`] on the benchmarks'
+//! with left padding, KV cache — with the eval's own [`generate_batch`] on the benchmarks'
 //! random model. No token stops a row (random weights would stop rows at random), so
 //! every prompt gets exactly `new_tokens`, as transformers' `generate` does with
 //! `min_new_tokens = max_new_tokens` in its peer `benches/peers/transformers_generate.py`.
@@ -7,7 +7,7 @@
 use super::measure::{median, mib, proc_status_bytes, time_passes};
 use super::shape::{random_ids, random_model, set_matmul_precision};
 use super::TrainBenchSpec;
-use crate::eval::generate::greedy_batch;
+use crate::eval::generate::generate_batch;
 use anyhow::{bail, Result};
 use candle_core::Device;
 use rand::SeedableRng;
@@ -101,7 +101,7 @@ pub fn bench_generate(spec: &GenerateBenchSpec) -> Result<GenerateBenchReport> {
     let pass = || -> Result<u64> {
         let mut sum = 0u64;
         for batch in prompts.chunks(spec.batch.max(1)) {
-            let out = greedy_batch(&model, batch, spec.new_tokens, &[])?;
+            let out = generate_batch(&model, batch, spec.new_tokens, &[], 1)?;
             sum += out.iter().flatten().map(|&t| t as u64).sum::<u64>();
         }
         Ok(sum)

@@ -3,6 +3,7 @@
 
 use crate::model::{KvCache, Llama};
 use crate::nn::Mode;
+use crate::runtime;
 use anyhow::Result;
 use candle_core::{DType, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
@@ -17,6 +18,16 @@ pub struct Sampling {
 /// Continues `prompt` by up to `max_new` tokens, stopping at any of `eos`. Returns the
 /// new tokens only.
 pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    max_new: usize,
+    eos: &[u32],
+    sampling: Sampling,
+) -> Result<Vec<u32>> {
+    runtime::with_workers_spinning(|| continue_prompt(model, prompt, max_new, eos, sampling))
+}
+
+fn continue_prompt(
     model: &Llama,
     prompt: &[u32],
     max_new: usize,
@@ -364,9 +375,11 @@ pub fn generate_batch(
     eos: &[u32],
     num_beams: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    if num_beams <= 1 {
-        greedy_batch(model, prompts, max_new, eos)
-    } else {
-        beam_search_batch(model, prompts, max_new, eos, num_beams)
-    }
+    runtime::with_workers_spinning(|| {
+        if num_beams <= 1 {
+            greedy_batch(model, prompts, max_new, eos)
+        } else {
+            beam_search_batch(model, prompts, max_new, eos, num_beams)
+        }
+    })
 }

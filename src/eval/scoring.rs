@@ -10,6 +10,7 @@
 use crate::model::loss::target_log_probs;
 use crate::model::{KvCache, Llama, TextTokenizer};
 use crate::nn::Mode;
+use crate::runtime;
 use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 
@@ -60,6 +61,10 @@ const MAX_LOGITS: usize = 48 << 20;
 /// with left padding; the cache rows are then replicated per candidate and the candidates'
 /// remaining tokens (right-padded) continue from it.
 pub fn score_candidates(model: &Llama, questions: &[Vec<Candidate>]) -> Result<Scores> {
+    runtime::with_workers_spinning(|| score(model, questions))
+}
+
+fn score(model: &Llama, questions: &[Vec<Candidate>]) -> Result<Scores> {
     let device = model.device();
     let nq = questions.len();
     if nq == 0 {

@@ -16,6 +16,7 @@ use crate::data::{
 use crate::model::{Llama, TextTokenizer};
 use crate::nn::Mode;
 use crate::progress;
+use crate::runtime;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
@@ -215,6 +216,11 @@ impl<'a> Trainer<'a> {
     /// forward and backward of each with its own dropout masks, gradients summed,
     /// clipped, checked, and the AdamW update at the schedule's learning rate.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
+        // Hundreds of parallel products with serial work between them.
+        runtime::with_workers_spinning(|| self.take_step(micro_batches))
+    }
+
+    fn take_step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
         let accumulation = self.spec.accumulation();
         if micro_batches.len() != accumulation {
             bail!(
