@@ -66,9 +66,11 @@ pub fn run_on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// rayon's spin, so every product paid that: `perf` put futex wake-ups and sleeps at
 /// ~15% of a bf16 decoding step. Here each other worker runs a job that steals pending
 /// tasks in a loop (`rayon::yield_now`) until `work` returns — a busy core, as
-/// llama.cpp's spinning thread pool has, for as long as `work` lasts. Meant for short,
-/// latency-bound loops (decoding); throughput-bound work (training) keeps every core
-/// busy on its own. Outside the pool, or with one thread, `work` simply runs.
+/// llama.cpp's spinning thread pool has, for as long as `work` lasts. Used around a
+/// decoding loop, a batch of scoring and a training step: each is hundreds of parallel
+/// products with serial element-wise work between them (decoding +28–50% new tokens/s in
+/// bf16, scoring +6–20%, a training step of the small shape +6–14%; docs/performance.md,
+/// round 10). Outside the pool, or with one thread, `work` simply runs.
 pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
         return work();

@@ -167,10 +167,11 @@ pub fn plan(spec: &PipelineSpec, measure: bool) -> Result<String> {
     // Activations the explicit backward pass keeps, per token and layer: the layer input,
     // the rotated queries, the attention output and the residual after attention
     // (4·hidden), the rotated keys and the values (2·kv width), and the MLP's gate and up
-    // (2·mlp); the norms' outputs, the SwiGLU product, attention probabilities and dropout
-    // masks are recomputed, not kept. With activation checkpointing only each layer's input is kept,
-    // plus one layer's full set while its backward pass runs. The head's blockwise loss
-    // keeps a gradient row per token (hidden) and never the whole logits.
+    // (2·mlp); the norms' outputs, the SwiGLU product, attention probabilities and
+    // dropout masks are recomputed, not kept. With activation checkpointing only each
+    // layer's input is kept, plus one layer's full set while its backward pass runs. The
+    // head's blockwise loss keeps a gradient row per token (hidden) and never the whole
+    // logits.
     let checkpointing = finetune.is_some_and(|f| f.activation_checkpointing);
     let layer_values = |sh: &LayerShape| -> u64 {
         4 * h as u64 + 2 * (sh.num_key_value_heads * hd) as u64 + 2 * sh.intermediate_size as u64
