@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,10 +107,22 @@ def run_json(argv, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def label(cell):
+    """`train-smollm2-d0.05-r128-bf16` → `train, smollm2, dropout 0.05, r128, bf16`."""
+    parts = cell.split("-")
+    precision = "bf16" if parts[-1] == "bf16" else "f32"
+    if parts[0] == "train":
+        return f"train, {parts[1]}, dropout {parts[2][1:]}, {parts[3]}, {precision}"
+    return f"generate, {parts[1]}, {precision}"
+
+
 def summarize(rows, cells):
+    """The README's table: each side's median, the median of the per-round ratios (each
+    from runs minutes apart) with the lowest and highest round, the peak RSS (highest
+    round) and its ratio."""
     lines = [
-        "| cell | rora | peer | rora / peer | peak RSS rora / peer (MiB) | rounds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| cell | rora | peer | rora / peer | range | peak RSS rora / peer (MiB) | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in cells:
         r = [x for x in rows if x["cell"] == cell]
@@ -117,11 +130,15 @@ def summarize(rows, cells):
             continue
         rora = statistics.median(x["rora"] for x in r)
         peer = statistics.median(x["peer"] for x in r)
-        ratio = statistics.median(x["rora"] / x["peer"] for x in r)
+        ratios = [x["rora"] / x["peer"] for x in r]
         mem = lambda k: max(x[k] or 0 for x in r) / 2**20
+        num = (lambda v: f"{v:,.0f}") if rora >= 1000 else (lambda v: f"{v:,.1f}")
+        rss = f"{mem('rora_rss'):,.0f} / {mem('peer_rss'):,.0f}"
+        if mem("peer_rss"):
+            rss += f" ({mem('rora_rss') / mem('peer_rss'):.2f})"
         lines.append(
-            f"| {cell} | {rora:,.1f} | {peer:,.1f} | **{ratio:.2f}×** | "
-            f"{mem('rora_rss'):,.0f} / {mem('peer_rss'):,.0f} | {len(r)} |"
+            f"| {label(cell)} | {num(rora)} | {num(peer)} | **{statistics.median(ratios):.2f}×** "
+            f"| {min(ratios):.2f}–{max(ratios):.2f} | {rss} | {len(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,6 +172,7 @@ def main():
             row = {
                 "cell": cell,
                 "round": rnd,
+                "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "rora": got["rora"][key],
                 "peer": got["peer"][key],
                 "rora_rss": got["rora"].get("peak_rss_bytes"),
