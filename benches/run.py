@@ -132,7 +132,7 @@ def summarize(rows, cells):
         peer = statistics.median(x["peer"] for x in r)
         ratios = [x["rora"] / x["peer"] for x in r]
         mem = lambda k: max(x[k] or 0 for x in r) / 2**20
-        num = (lambda v: f"{v:,.0f}") if rora >= 1000 else (lambda v: f"{v:,.1f}")
+        num = lambda v: f"{v:,.0f}" if v >= 1000 else f"{v:,.1f}"
         rss = f"{mem('rora_rss'):,.0f} / {mem('peer_rss'):,.0f}"
         if mem("peer_rss"):
             rss += f" ({mem('rora_rss') / mem('peer_rss'):.2f})"

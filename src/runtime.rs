@@ -70,12 +70,20 @@ pub fn run_on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// decoding loop, a batch of scoring and a training step: each is hundreds of parallel
 /// products with serial element-wise work between them (decoding +28–50% new tokens/s in
 /// bf16, scoring +6–20%, a training step of the small shape +6–14%; docs/performance.md,
-/// round 10). Outside the pool, or with one thread, `work` simply runs.
-pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
+/// round 10).
+///
+/// `work` simply runs outside the pool, with one thread, when its tensors are not on the
+/// CPU (`on_cpu` false: the cores would spin through GPU work), and while another call
+/// has the workers spinning: two spinning regions at once could each end up running the
+/// other's spinner inside a wait of its own work, and neither would return.
+pub fn with_workers_spinning<R>(on_cpu: bool, work: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
         return work();
     };
     let others = rayon::current_num_threads().saturating_sub(1);
+    if !on_cpu || others == 0 || SPINNING_REGION.swap(true, Ordering::AcqRel) {
+        return work();
+    }
     let done = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicUsize::new(0));
     for _ in 0..others {
@@ -86,6 +94,7 @@ pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
             if rayon::current_thread_index() == Some(me) {
                 return;
             }
+            SPINNERS.fetch_add(1, Ordering::AcqRel);
             started.fetch_add(1, Ordering::Release);
             while !done.load(Ordering::Acquire) {
                 if rayon::yield_now() != Some(rayon::Yield::Executed) {
@@ -94,6 +103,7 @@ pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
                     std::thread::yield_now();
                 }
             }
+            SPINNERS.fetch_sub(1, Ordering::AcqRel);
         });
     }
     // Let the spinners leave this thread's deque before `work` pushes tasks above them;
@@ -102,16 +112,23 @@ pub fn with_workers_spinning<R>(work: impl FnOnce() -> R) -> R {
     while started.load(Ordering::Acquire) < others && std::time::Instant::now() < deadline {
         std::hint::spin_loop();
     }
-    /// Stops the spinners when `work` returns or panics.
+    /// Stops the spinners and frees the region when `work` returns or panics.
     struct Stop(Arc<AtomicBool>);
     impl Drop for Stop {
         fn drop(&mut self) {
             self.0.store(true, Ordering::Release);
+            SPINNING_REGION.store(false, Ordering::Release);
         }
     }
     let _stop = Stop(done);
     work()
 }
+
+/// Whether a [`with_workers_spinning`] region is running.
+static SPINNING_REGION: AtomicBool = AtomicBool::new(false);
+
+/// Spinner jobs running now (for the tests: they must all have stopped after a region).
+static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
 #[cfg(test)]
 mod tests {
@@ -136,44 +153,100 @@ mod tests {
             .expect("a local pool")
     }
 
-    /// Work that splits into parallel tasks gets the right answer while the other workers
-    /// spin, whether they were idle or busy when it started (the spinner then waits on the
-    /// caller's own deque, where the caller may pick it up), and outside any pool.
+    /// Waits up to 10 s for `cond` (a liveness check, not a timing: it holds at once when
+    /// things work, and the test fails instead of hanging when they do not).
+    fn eventually(cond: impl Fn() -> bool) -> bool {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    /// One test, run in sequence: the spinning region is process-wide.
+    ///
+    /// While the work runs, every other worker spins (and runs its tasks: the sums are
+    /// right); when it returns, or panics, every spinner stops. Outside the pool, with one
+    /// thread, off the CPU and inside a running region the work just runs. A spinner left
+    /// on the caller's own deque (the other worker busy when the region starts) is run by
+    /// the caller's `yield_local` and returns at once instead of spinning forever.
     #[test]
-    fn work_runs_to_its_end_while_the_other_workers_spin() {
+    fn the_other_workers_spin_while_the_work_runs_and_stop_after_it() {
+        use super::{with_workers_spinning, SPINNERS};
         use rayon::prelude::*;
+        use std::sync::atomic::Ordering;
+        let spinners = || SPINNERS.load(Ordering::Acquire);
         let sum = || (0..100_000u64).into_par_iter().map(|i| i % 7).sum::<u64>();
         let want: u64 = (0..100_000u64).map(|i| i % 7).sum();
-        assert_eq!(super::with_workers_spinning(sum), want, "outside the pool");
+
+        assert_eq!(with_workers_spinning(true, sum), want, "outside the pool");
         for threads in [1, 2, 3] {
-            let got = pool(threads).install(|| super::with_workers_spinning(sum));
-            assert_eq!(got, want, "{threads} idle workers");
+            let p = pool(threads);
+            let (got, seen) = p.install(|| {
+                with_workers_spinning(true, || {
+                    let seen = eventually(|| spinners() == threads - 1);
+                    (sum(), seen)
+                })
+            });
+            assert_eq!(got, want, "{threads} threads");
+            assert!(
+                seen,
+                "{threads} threads: {} spinners, not {}",
+                spinners(),
+                threads - 1
+            );
+            assert!(
+                eventually(|| spinners() == 0),
+                "spinners left after the work"
+            );
         }
-        let busy = pool(2);
-        let got = busy.install(|| {
+
+        let p = pool(3);
+        let none = p.install(|| {
+            with_workers_spinning(false, || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                spinners()
+            })
+        });
+        assert_eq!(none, 0, "no spinning for work off the CPU");
+        let inner = p.install(|| {
+            with_workers_spinning(true, || {
+                assert!(eventually(|| spinners() == 2));
+                with_workers_spinning(true, spinners)
+            })
+        });
+        assert_eq!(inner, 2, "a region inside a region adds no spinners");
+        assert!(eventually(|| spinners() == 0));
+
+        // The other worker busy when the region starts: the spinner waits on the caller's
+        // deque, and the caller runs it itself.
+        let p = pool(2);
+        let got = p.install(|| {
             let (_, got) = rayon::join(
-                || std::thread::sleep(std::time::Duration::from_millis(30)),
-                || super::with_workers_spinning(|| (0..20).map(|_| sum()).sum::<u64>()),
+                || std::thread::sleep(std::time::Duration::from_millis(200)),
+                || {
+                    with_workers_spinning(true, || {
+                        while rayon::yield_local() == Some(rayon::Yield::Executed) {}
+                        sum()
+                    })
+                },
             );
             got
         });
-        assert_eq!(got, 20 * want, "the other worker busy at the start");
-    }
+        assert_eq!(got, want, "the other worker busy at the start");
+        assert!(eventually(|| spinners() == 0));
 
-    /// A panic inside the work reaches the caller, and the pool runs parallel work after it.
-    #[test]
-    fn a_panic_in_the_work_reaches_the_caller() {
-        use rayon::prelude::*;
-        let p = pool(2);
         let caught = p.install(|| {
-            std::panic::catch_unwind(|| super::with_workers_spinning(|| panic!("boom")))
+            std::panic::catch_unwind(|| with_workers_spinning::<()>(true, || panic!("boom")))
         });
-        assert!(caught.is_err());
-        let seen = p.broadcast(|ctx| ctx.index());
-        assert_eq!(seen, vec![0, 1]);
-        assert_eq!(
-            p.install(|| (0..1000u32).into_par_iter().sum::<u32>()),
-            499_500
+        assert!(caught.is_err(), "the panic reaches the caller");
+        assert!(
+            eventually(|| spinners() == 0),
+            "spinners left after a panic"
         );
+        assert_eq!(p.install(|| with_workers_spinning(true, sum)), want);
     }
 }

@@ -24,7 +24,9 @@ pub fn generate(
     eos: &[u32],
     sampling: Sampling,
 ) -> Result<Vec<u32>> {
-    runtime::with_workers_spinning(|| continue_prompt(model, prompt, max_new, eos, sampling))
+    runtime::with_workers_spinning(model.device().is_cpu(), || {
+        continue_prompt(model, prompt, max_new, eos, sampling)
+    })
 }
 
 fn continue_prompt(
@@ -375,7 +377,7 @@ pub fn generate_batch(
     eos: &[u32],
     num_beams: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    runtime::with_workers_spinning(|| {
+    runtime::with_workers_spinning(model.device().is_cpu(), || {
         if num_beams <= 1 {
             greedy_batch(model, prompts, max_new, eos)
         } else {

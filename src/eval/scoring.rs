@@ -61,7 +61,7 @@ const MAX_LOGITS: usize = 48 << 20;
 /// with left padding; the cache rows are then replicated per candidate and the candidates'
 /// remaining tokens (right-padded) continue from it.
 pub fn score_candidates(model: &Llama, questions: &[Vec<Candidate>]) -> Result<Scores> {
-    runtime::with_workers_spinning(|| score(model, questions))
+    runtime::with_workers_spinning(model.device().is_cpu(), || score(model, questions))
 }
 
 fn score(model: &Llama, questions: &[Vec<Candidate>]) -> Result<Scores> {

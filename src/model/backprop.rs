@@ -59,7 +59,7 @@ enum Layer {
 /// One decoder layer's saved activations. Hidden states are (b·t, hidden); heads
 /// (b, heads, t, head_dim). The projections' inputs that one element-wise pass makes
 /// again (the two normed states and the SwiGLU product) are recomputed by the backward
-/// pass, not kept: at SmolLM2's shape 2,688 of 7,448 floats a token a layer (besides the
+/// pass, not kept: at SmolLM2's shape 2,688 of 8,448 floats a token a layer (besides the
 /// adapters' 7·r), 315 MiB at 8 × 128 tokens.
 struct LayerTape {
     x: Tensor,

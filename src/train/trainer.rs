@@ -217,7 +217,8 @@ impl<'a> Trainer<'a> {
     /// clipped, checked, and the AdamW update at the schedule's learning rate.
     pub fn step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
         // Hundreds of parallel products with serial work between them.
-        runtime::with_workers_spinning(|| self.take_step(micro_batches))
+        let on_cpu = self.model.device().is_cpu();
+        runtime::with_workers_spinning(on_cpu, || self.take_step(micro_batches))
     }
 
     fn take_step(&mut self, micro_batches: &[Batch]) -> Result<StepStats> {
