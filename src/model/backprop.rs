@@ -18,6 +18,7 @@
 use super::attention::{merge_heads, split_heads};
 use super::llama::DecoderLayer;
 use super::Llama;
+use crate::nn::fused::buffers::add;
 use crate::nn::fused::{self, attention::AttentionOp, rms_norm::RmsNormOp};
 use crate::nn::fused::{rope::RopeOp, swiglu::SwigluOp};
 use crate::nn::tape::{self, Gradients, ProjectionTape};
@@ -196,7 +197,7 @@ fn layer_forward(
         .reshape((b * t, heads * hd))?
         .contiguous()?;
     let (o, o_tape) = tape::forward(&attn.o_proj, &merged, mode)?;
-    let x2 = (&x + o)?;
+    let x2 = add(&x, &o)?;
 
     let mlp = &layer.mlp;
     let (norm2, h2) = rms_norm(&layer.post_attention_layernorm, &x2)?;
@@ -205,7 +206,7 @@ fn layer_forward(
     let swiglu = SwigluOp::new(&gate_out, &up_out)?;
     let act = gate_out.apply_op2_no_bwd(&up_out, &swiglu)?;
     let (down, down_tape) = tape::forward(&mlp.down_proj, &act, mode)?;
-    let x3 = (&x2 + down)?;
+    let x3 = add(&x2, &down)?;
 
     let saved = LayerTape {
         x,
@@ -252,18 +253,19 @@ fn layer_backward(
     let (d_gate, d_up) = s.swiglu.vjp(&s.gate_out, &s.up_out, &d_act)?;
     let weight2 = layer.post_attention_layernorm.weight();
     let h2 = s.x2.apply_op2_no_bwd(weight2, &s.norm2)?;
-    let d_h2 = (s
-        .gate
-        .backward(&h2, &d_gate.context("swiglu: no gate gradient")?, grads)?
-        + s.up
-            .backward(&h2, &d_up.context("swiglu: no up gradient")?, grads)?)?;
+    let d_h2 = add(
+        &s.gate
+            .backward(&h2, &d_gate.context("swiglu: no gate gradient")?, grads)?,
+        &s.up
+            .backward(&h2, &d_up.context("swiglu: no up gradient")?, grads)?,
+    )?;
     drop(h2);
     let d_x2 = s
         .norm2
         .vjp(&s.x2, weight2, &d_h2)?
         .0
         .context("norm: no gradient")?;
-    let d_x2 = (dx3 + d_x2)?;
+    let d_x2 = add(dx3, &d_x2)?;
 
     // Attention: x2 = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = norm1(x).
     let d_merged = s.o.backward(&s.merged, &d_x2, grads)?;
@@ -283,16 +285,18 @@ fn layer_backward(
         |d: &Tensor, n: usize| -> Result<Tensor> { Ok(merge_heads(d)?.reshape((b * t, n * hd))?) };
     let weight1 = layer.input_layernorm.weight();
     let h1 = s.x.apply_op2_no_bwd(weight1, &s.norm1)?;
-    let d_h1 = (s.q.backward(&h1, &rows(&dq, heads)?, grads)?
-        + s.k.backward(&h1, &rows(&dk, kv_heads)?, grads)?)?;
-    let d_h1 = (d_h1 + s.v.backward(&h1, &rows(&dv, kv_heads)?, grads)?)?;
+    let d_h1 = add(
+        &s.q.backward(&h1, &rows(&dq, heads)?, grads)?,
+        &s.k.backward(&h1, &rows(&dk, kv_heads)?, grads)?,
+    )?;
+    let d_h1 = add(&d_h1, &s.v.backward(&h1, &rows(&dv, kv_heads)?, grads)?)?;
     drop(h1);
     let d_x = s
         .norm1
         .vjp(&s.x, weight1, &d_h1)?
         .0
         .context("norm: no gradient")?;
-    Ok((d_x2 + d_x)?)
+    Ok(add(&d_x2, &d_x)?)
 }
 
 /// RMSNorm of `x` (rows, hidden) with no graph, and its op for the backward pass.

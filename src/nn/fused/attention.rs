@@ -242,7 +242,7 @@ impl CustomOp3 for AttentionOp {
         let (k, k_stride) = head_blocks(k, k_layout)?;
         let (v, v_stride) = head_blocks(v, v_layout)?;
         let Dims { t, tk, hd, .. } = self.dims;
-        let mut out = vec![0f32; q.len()];
+        let mut out = super::buffers::zeros(q.len());
         self.with_mask(|mask| {
             out.par_chunks_mut(self.dims.group() * t * hd)
                 .enumerate()
@@ -319,9 +319,9 @@ impl AttentionOp {
         let Dims { t, tk, hd, .. } = self.dims;
         let qn = self.dims.group() * t * hd;
         let (mut dq, mut dk, mut dv) = (
-            vec![0f32; q.len()],
-            vec![0f32; k.len()],
-            vec![0f32; v.len()],
+            super::buffers::zeros(q.len()),
+            super::buffers::zeros(k.len()),
+            super::buffers::zeros(v.len()),
         );
         dq.par_chunks_mut(qn)
             .zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd)))

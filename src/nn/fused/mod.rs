@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod bf16;
+pub mod buffers;
 pub mod cross_entropy;
 pub mod distill;
 pub mod dropout;
@@ -113,9 +114,7 @@ pub(crate) fn product_tn(
         Some(kernel) => {
             let packed = bf16::PackedRhs::pack(Mat::rows(rhs, n), k, n);
             let mut y = bf16::product_t_with(kernel, lhs_t, m, &packed);
-            if scale != 1.0 {
-                y.iter_mut().for_each(|v| *v *= scale);
-            }
+            scale_in_place(&mut y, scale);
             y
         }
         None => gemm_par_new(
@@ -124,6 +123,13 @@ pub(crate) fn product_tn(
             Mat::rows(rhs, n),
             scale,
         ),
+    }
+}
+
+/// `values *= scale`, skipped for 1.
+pub(crate) fn scale_in_place(values: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        values.iter_mut().for_each(|v| *v *= scale);
     }
 }
 

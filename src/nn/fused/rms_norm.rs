@@ -58,7 +58,7 @@ impl CustomOp2 for RmsNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(x, x_layout, self.name())?;
         let w = cpu_f32(w, w_layout, self.name())?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::buffers::zeros(x.len());
         let block = ROWS_PER_TASK * w.len();
         y.par_chunks_mut(block)
             .zip(x.par_chunks(block))
@@ -136,7 +136,7 @@ impl RmsNormOp {
     fn backward(&self, x: &[f32], dy: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let hidden = w.len();
         let block = ROWS_PER_TASK * hidden;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::buffers::zeros(x.len());
         // Each task: dx for its rows, and its rows' share of dw.
         let dw = dx
             .par_chunks_mut(block)

@@ -69,7 +69,7 @@ impl CustomOp2 for SwigluOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = cpu_f32(gate, gate_layout, self.name())?;
         let u = cpu_f32(up, up_layout, self.name())?;
-        let mut y = vec![0f32; g.len()];
+        let mut y = super::buffers::zeros(g.len());
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(y, (g, u))| forward_chunk(g, u, y));
@@ -99,8 +99,8 @@ impl SwigluOp {
         let (dg, du) = with_f32(gate, self.name(), |g| {
             with_f32(up, self.name(), |u| {
                 with_f32(grad_y, self.name(), |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
+                    let mut dg = super::buffers::zeros(g.len());
+                    let mut du = super::buffers::zeros(g.len());
                     dg.par_chunks_mut(CHUNK)
                         .zip(du.par_chunks_mut(CHUNK))
                         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
