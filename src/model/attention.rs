@@ -2,7 +2,7 @@
 
 use super::kv_cache::LayerKv;
 use super::rope::apply_rotary;
-use crate::nn::fused;
+use crate::nn::fused::{self, buffers::swap_middle_dims};
 use crate::nn::{Linear, Mode};
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
@@ -69,13 +69,13 @@ impl Attention {
 
 /// A projection's output (b, t, n·hd) or (b·t, n·hd) → (b, n, t, hd), contiguous.
 pub fn split_heads(y: &Tensor, b: usize, t: usize, n: usize, hd: usize) -> Result<Tensor> {
-    Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+    Ok(swap_middle_dims(&y.reshape((b, t, n, hd))?)?)
 }
 
 /// (b, n, t, hd) → (b, t, n·hd), the heads side by side again.
 pub fn merge_heads(out: &Tensor) -> Result<Tensor> {
     let (b, n, t, hd) = out.dims4()?;
-    Ok(out.transpose(1, 2)?.reshape((b, t, n * hd))?)
+    Ok(swap_middle_dims(out)?.reshape((b, t, n * hd))?)
 }
 
 /// `softmax(scale · q kᵀ + mask) v` with `q` (b, heads, t, hd), `k`/`v` (b, kv_heads, T, hd)

@@ -171,9 +171,23 @@ impl PackedRhs {
             .enumerate()
             .for_each(|(panel, lines)| {
                 let cols = (panel * TILE_N)..n.min((panel + 1) * TILE_N);
-                let vectorised = rhs.col_stride == 1 && cols.len() == TILE_N;
-                if vectorised {
+                let full = cols.len() == TILE_N;
+                let vectorised = full && (rhs.col_stride == 1 || rhs.row_stride == 1);
+                if full && rhs.col_stride == 1 {
                     pack_panel_pairs(rhs.data, rhs.row_stride, cols.start, k, lines);
+                } else if vectorised {
+                    // A transposed operand (an adapter's Aᵀ or Bᵀ, packed on every call):
+                    // the panel's 16 columns are 16 rows of the matrix, copied side by side
+                    // first so that the conversion runs vectorised (element by element it
+                    // was ~2% of a bf16 step at rank 128).
+                    let mut panel = vec![0f32; k * TILE_N];
+                    for (j, col) in cols.clone().enumerate() {
+                        let column = &rhs.data[col * rhs.col_stride..][..k];
+                        for (p, &v) in column.iter().enumerate() {
+                            panel[p * TILE_N + j] = v;
+                        }
+                    }
+                    pack_panel_pairs(&panel, TILE_N, 0, k, lines);
                 }
                 for (pair, line) in lines.iter_mut().enumerate() {
                     let p = 2 * pair;
