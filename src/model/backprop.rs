@@ -181,9 +181,11 @@ fn layer_forward(
     let (heads, kv_heads, hd) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
 
     let (norm1, h1) = rms_norm(&layer.input_layernorm, &x)?;
-    let (q, q_tape) = tape::forward(&attn.q_proj, &h1, mode)?;
-    let (k, k_tape) = tape::forward(&attn.k_proj, &h1, mode)?;
-    let (v, v_tape) = tape::forward(&attn.v_proj, &h1, mode)?;
+    let [(q, q_tape), (k, k_tape), (v, v_tape)] = outputs_of(tape::forward_shared(
+        &[&attn.q_proj, &attn.k_proj, &attn.v_proj],
+        &h1,
+        mode,
+    )?)?;
     let q = split_heads(&q, b, t, heads, hd)?;
     let k = split_heads(&k, b, t, kv_heads, hd)?;
     let v_heads = split_heads(&v, b, t, kv_heads, hd)?;
@@ -201,8 +203,11 @@ fn layer_forward(
 
     let mlp = &layer.mlp;
     let (norm2, h2) = rms_norm(&layer.post_attention_layernorm, &x2)?;
-    let (gate_out, gate_tape) = tape::forward(&mlp.gate_proj, &h2, mode)?;
-    let (up_out, up_tape) = tape::forward(&mlp.up_proj, &h2, mode)?;
+    let [(gate_out, gate_tape), (up_out, up_tape)] = outputs_of(tape::forward_shared(
+        &[&mlp.gate_proj, &mlp.up_proj],
+        &h2,
+        mode,
+    )?)?;
     let swiglu = SwigluOp::new(&gate_out, &up_out)?;
     let act = gate_out.apply_op2_no_bwd(&up_out, &swiglu)?;
     let (down, down_tape) = tape::forward(&mlp.down_proj, &act, mode)?;
@@ -297,6 +302,15 @@ fn layer_backward(
         .0
         .context("norm: no gradient")?;
     Ok(add(&d_x2, &d_x)?)
+}
+
+/// The N results of a [`tape::forward_shared`] of N projections, as an array.
+fn outputs_of<const N: usize>(
+    outputs: Vec<(Tensor, ProjectionTape)>,
+) -> Result<[(Tensor, ProjectionTape); N]> {
+    outputs
+        .try_into()
+        .map_err(|o: Vec<_>| anyhow::anyhow!("{N} projections gave {} outputs", o.len()))
 }
 
 /// RMSNorm of `x` (rows, hidden) with no graph, and its op for the backward pass.

@@ -10,9 +10,9 @@
 //! is exactly the vector–Jacobian product wanted.
 
 use super::dropout;
-use super::frozen::FrozenMatmulT;
+use super::frozen::{FrozenMatmulT, FrozenWeight};
 use super::fused::{self, lora::LoraOp};
-use super::{Adapter, Linear, Mode};
+use super::{lora::LoraAdapter, Adapter, Linear, Mode};
 use anyhow::{Context, Result};
 use candle_core::{Tensor, TensorId, Var};
 use std::collections::HashMap;
@@ -70,6 +70,67 @@ enum Saved {
     },
 }
 
+/// [`forward`] of several projections of the same input `x` (a layer's q, k and v, or its
+/// gate and up): where all are fused LoRA whose products can share `x`'s conversion to bf16
+/// ([`fused::lora::forward_shared`]), in one pass; otherwise one by one. The same values
+/// either way.
+pub fn forward_shared(
+    linears: &[&Linear],
+    x: &Tensor,
+    mode: Mode,
+) -> Result<Vec<(Tensor, ProjectionTape)>> {
+    let x = x.contiguous()?;
+    let loras: Option<Vec<_>> = linears
+        .iter()
+        .map(|linear| match linear.adapter() {
+            Some(Adapter::Lora(l)) if l.fuses(&x, linear.frozen_weight()) => Some((linear, l)),
+            _ => None,
+        })
+        .collect();
+    if let Some(loras) = loras {
+        let (rows, in_dim) = x.dims2()?;
+        let ops = loras
+            .iter()
+            .map(|(linear, l)| lora_op(l, linear.frozen_weight(), (rows, in_dim), mode))
+            .collect::<Result<Vec<_>>>()?;
+        let args: Vec<_> = ops
+            .iter()
+            .zip(&loras)
+            .map(|(op, (_, l))| (op, l.a.as_tensor(), l.b.as_tensor()))
+            .collect();
+        if let Some(ys) = fused::lora::forward_shared(&x, &args)? {
+            let tapes = ops.into_iter().zip(&loras).map(|(op, (_, l))| {
+                ProjectionTape(Saved::Lora {
+                    op,
+                    a: l.a.clone(),
+                    b: l.b.clone(),
+                })
+            });
+            return Ok(ys.into_iter().zip(tapes).collect());
+        }
+    }
+    linears.iter().map(|l| forward(l, &x, mode)).collect()
+}
+
+/// The fused op of LoRA `l` on `weight` for an input of (rows, in) in `mode`.
+fn lora_op(
+    l: &LoraAdapter,
+    weight: &FrozenWeight,
+    (rows, in_dim): (usize, usize),
+    mode: Mode,
+) -> Result<LoraOp> {
+    let mask = dropout::mask(mode, l.dropout, l.id);
+    Ok(LoraOp::new(
+        rows,
+        in_dim,
+        weight,
+        l.a.as_tensor(),
+        l.b.as_tensor(),
+        l.scale,
+        mask,
+    )?)
+}
+
 /// `x` (rows, in) through `linear` in `mode` → (rows, out) with no graph attached, and its
 /// tape. The same values as [`Linear::forward`] (which the tests check); input statistics
 /// for pruning are not recorded here.
@@ -88,16 +149,7 @@ pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, Proje
             Ok((y, ProjectionTape(Saved::Frozen { op })))
         }
         (_, Some(l)) => {
-            let mask = dropout::mask(mode, l.dropout, l.id);
-            let op = LoraOp::new(
-                rows,
-                in_dim,
-                weight,
-                l.a.as_tensor(),
-                l.b.as_tensor(),
-                l.scale,
-                mask,
-            )?;
+            let op = lora_op(l, weight, (rows, in_dim), mode)?;
             let y = x.apply_op3_no_bwd(l.a.as_tensor(), l.b.as_tensor(), &op)?;
             let tape = ProjectionTape(Saved::Lora {
                 op,

@@ -113,6 +113,46 @@ fn final_hidden_states_equal_the_model_forward_pass_bit_for_bit() {
     }
 }
 
+/// With bf16 products from rank 32, the explicit pass runs q, k and v (and gate and up)
+/// as one pass over one conversion of their shared input where there is no dropout
+/// (`tape::forward_shared`), one by one where there is: both must equal the model's own
+/// forward pass (each projection alone) bit for bit, and the gradients autograd's.
+#[test]
+fn shared_bf16_projections_equal_the_model_forward_pass_bit_for_bit() {
+    if !rora::nn::fused::bf16::available() {
+        rora::require::skip_or_fail("bf16", "no bf16 kernel on this CPU (AMX or AVX512-BF16)");
+        return;
+    }
+    for dropout in [0.0, 0.1] {
+        let mut model = tiny_llama(&NON_UNIFORM_LAYERS, 21);
+        adapters::attach(
+            &mut model,
+            &attach_spec(Method::Rora, 32, 64.0, dropout, &ALL),
+            3,
+        )
+        .unwrap();
+        randomize_adapters(&model, 9);
+        let bf16 = rora::nn::MatmulPrecision::Bf16;
+        assert!(model.set_matmul_precision(bf16).unwrap());
+        let b = batch();
+        let mode = Mode::train(77);
+        let (hidden, _) = backprop::forward(&model, &b.ids, Some(&b.mask), mode, false).unwrap();
+        let reference = model
+            .forward_hidden(&b.ids, Some(&b.mask), None, mode)
+            .unwrap();
+        assert_eq!(
+            hidden.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            reference.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "dropout {dropout}"
+        );
+        assert_engines_agree(
+            &model,
+            &Objective::NextToken,
+            &format!("bf16, dropout {dropout}"),
+        );
+    }
+}
+
 #[test]
 fn every_low_rank_method_gets_autograds_gradients() {
     for method in [Method::Lora, Method::Rora, Method::Dora, Method::RoraDora] {

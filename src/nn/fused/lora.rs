@@ -70,6 +70,53 @@ pub fn lora_linear(
     y.reshape(out_dims)
 }
 
+/// The forward passes of several ops on one input `x` (rows, in), each with its `(A,
+/// B)`, outside autograd's graph: the outputs (rows, out) of `x` through each op, as
+/// `apply_op3_no_bwd` gives them, value for value. Where every op runs its products in
+/// bf16 without dropout, all of them — `x Wᵀ` and `x Aᵀ` of a layer's q, k and v, or of
+/// its gate and up — run in one parallel pass over one conversion of `x` (at rank 128,
+/// six products of `x` converted it six times). `None` where they do not.
+pub(crate) fn forward_shared(
+    x: &Tensor,
+    ops: &[(&LoraOp, &Tensor, &Tensor)],
+) -> Result<Option<Vec<Tensor>>> {
+    let mut rhs = Vec::with_capacity(2 * ops.len());
+    let mut a_packed = Vec::with_capacity(ops.len());
+    for (op, a, _) in ops {
+        let (Some(packed), true) = (op.weight.packed(), op.shares_input()) else {
+            return Ok(None);
+        };
+        let (rows, in_dim, _, rank) = op.shape;
+        if x.dims() != [rows, in_dim] || !super::applies_to(x) {
+            return Ok(None);
+        }
+        let a_t = with_f32(a, op.name(), |a| {
+            Ok(PackedRhs::pack(Mat::transposed(a, in_dim), in_dim, rank))
+        })?;
+        rhs.push(&packed.forward);
+        a_packed.push(a_t);
+    }
+    let rows = x.dims()[0];
+    let rhs: Vec<&PackedRhs> = rhs
+        .into_iter()
+        .zip(&a_packed)
+        .flat_map(|(w, a)| [w, a])
+        .collect();
+    let mut products = with_f32(x, "fused-lora-linear", |x| {
+        Ok(bf16::products_shared(x, rows, &rhs))
+    })?
+    .into_iter();
+    let mut outputs = Vec::with_capacity(ops.len());
+    for (op, _, b) in ops {
+        let (Some(y), Some(down)) = (products.next(), products.next()) else {
+            bail!("lora: a shared forward pass returned too few products");
+        };
+        let y = with_f32(b, op.name(), |b| Ok(op.finish_forward(y, down, b)))?;
+        outputs.push(Tensor::from_vec(y, (rows, op.shape.2), x.device())?);
+    }
+    Ok(Some(outputs))
+}
+
 /// The op of [`lora_linear`] on a 2-D input (rows, in): applied with candle's
 /// `apply_op3` (recorded for autograd) or `apply_op3_no_bwd` and its backward pass
 /// called by hand (`model::backprop`).
@@ -143,7 +190,7 @@ impl LoraOp {
     /// packing were ~16% of a bf16 step, a second pass over `x` half of it.
     fn forward_products(&self, x: &[f32], w: &[f32], a: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (rows, in_dim, out_dim, rank) = self.shape;
-        if let (Some(packed), true, None) = (self.weight.packed(), self.bf16(), &self.dropout) {
+        if let (Some(packed), true) = (self.weight.packed(), self.shares_input()) {
             let a_t = PackedRhs::pack(Mat::transposed(a, in_dim), in_dim, rank);
             let [y, down] = two(bf16::products_shared(x, rows, &[&packed.forward, &a_t]));
             return (y, down);
@@ -151,6 +198,30 @@ impl LoraOp {
         let down = self.down(&self.dropped(x), a);
         let y = frozen_product_t(x, rows, w, (out_dim, in_dim), self.weight.packed());
         (y, down)
+    }
+
+    /// Whether [`LoraOp::forward_products`] runs as one bf16 pass over its input, which
+    /// [`forward_shared`] can then share with other ops of the same input.
+    fn shares_input(&self) -> bool {
+        self.bf16() && self.dropout.is_none()
+    }
+
+    /// `y = x Wᵀ + γ · down Bᵀ` from the forward products (`y` holding `x Wᵀ`); keeps
+    /// `down` for the backward pass's dB.
+    fn finish_forward(&self, mut y: Vec<f32>, down: Vec<f32>, b: &[f32]) -> Vec<f32> {
+        let (_, _, out_dim, rank) = self.shape;
+        self.add_product(
+            &down,
+            rank,
+            Mat::transposed(b, rank),
+            out_dim,
+            &mut y,
+            self.scale,
+        );
+        if let Ok(mut saved) = self.saved_down.lock() {
+            *saved = Some(down);
+        }
+        y
     }
 
     /// The backward pass's two products of `dy`: `dy W` (rows, in) and `u = γ · dy B`
@@ -242,24 +313,14 @@ impl CustomOp3 for LoraOp {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, _, out_dim, rank) = self.shape;
+        let (rows, _, out_dim, _) = self.shape;
         let x = cpu_f32(x, x_layout, self.name())?;
         let a = cpu_f32(a, a_layout, self.name())?;
         let b = cpu_f32(b, b_layout, self.name())?;
-        let (mut y, down) = with_f32(self.weight.tensor(), self.name(), |w| {
+        let (y, down) = with_f32(self.weight.tensor(), self.name(), |w| {
             Ok(self.forward_products(x, w, a))
         })?;
-        self.add_product(
-            &down,
-            rank,
-            Mat::transposed(b, rank),
-            out_dim,
-            &mut y,
-            self.scale,
-        );
-        if let Ok(mut saved) = self.saved_down.lock() {
-            *saved = Some(down);
-        }
+        let y = self.finish_forward(y, down, b);
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
 
