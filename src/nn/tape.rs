@@ -82,10 +82,7 @@ pub fn forward_shared(
     let x = x.contiguous()?;
     let loras: Option<Vec<_>> = linears
         .iter()
-        .map(|linear| match linear.adapter() {
-            Some(Adapter::Lora(l)) if l.fuses(&x, linear.frozen_weight()) => Some((linear, l)),
-            _ => None,
-        })
+        .map(|linear| Some((linear, fused_lora(linear, &x)?)))
         .collect();
     if let Some(loras) = loras {
         let (rows, in_dim) = x.dims2()?;
@@ -110,6 +107,14 @@ pub fn forward_shared(
         }
     }
     linears.iter().map(|l| forward(l, &x, mode)).collect()
+}
+
+/// `linear`'s adapter where it is LoRA (or RoRA) and its fused op takes `x`.
+fn fused_lora<'a>(linear: &'a Linear, x: &Tensor) -> Option<&'a LoraAdapter> {
+    match linear.adapter() {
+        Some(Adapter::Lora(l)) if l.fuses(x, linear.frozen_weight()) => Some(l),
+        _ => None,
+    }
 }
 
 /// The fused op of LoRA `l` on `weight` for an input of (rows, in) in `mode`.
@@ -137,12 +142,8 @@ fn lora_op(
 pub fn forward(linear: &Linear, x: &Tensor, mode: Mode) -> Result<(Tensor, ProjectionTape)> {
     let weight = linear.frozen_weight();
     let (rows, in_dim) = x.dims2()?;
-    let fused_lora = match linear.adapter() {
-        Some(Adapter::Lora(l)) if l.fuses(x, weight) => Some(l),
-        _ => None,
-    };
     let x = x.contiguous()?;
-    match (linear.adapter(), fused_lora) {
+    match (linear.adapter(), fused_lora(linear, &x)) {
         (None, _) if fused::applies_to(&x) => {
             let op = FrozenMatmulT::new(weight)?;
             let y = x.apply_op1_no_bwd(&op)?;
