@@ -27,8 +27,13 @@ fn batch() -> Batch {
 }
 
 fn model_with(method: Method, dropout: f64, targets: &[&str]) -> Llama {
+    model_with_rank(method, 4, dropout, targets)
+}
+
+/// [`model_with`] at `rank` (alpha 2 · rank).
+fn model_with_rank(method: Method, rank: usize, dropout: f64, targets: &[&str]) -> Llama {
     let mut model = tiny_llama(&NON_UNIFORM_LAYERS, 21);
-    let spec = attach_spec(method, 4, 8.0, dropout, targets);
+    let spec = attach_spec(method, rank, 2.0 * rank as f64, dropout, targets);
     adapters::attach(&mut model, &spec, 3).unwrap();
     randomize_adapters(&model, 9);
     model
@@ -95,22 +100,27 @@ fn assert_engines_agree(model: &Llama, objective: &Objective, what: &str) {
 fn final_hidden_states_equal_the_model_forward_pass_bit_for_bit() {
     for dropout in [0.0, 0.1] {
         let model = model_with(Method::Rora, dropout, &ALL);
-        let b = batch();
-        let mode = Mode::train(77);
-        let (hidden, _) = backprop::forward(&model, &b.ids, Some(&b.mask), mode, false).unwrap();
-        let reference = model
-            .forward_hidden(&b.ids, Some(&b.mask), None, mode)
-            .unwrap();
-        let (x, y): (Vec<f32>, Vec<f32>) = (
-            hidden.flatten_all().unwrap().to_vec1().unwrap(),
-            reference.flatten_all().unwrap().to_vec1().unwrap(),
-        );
-        assert!(
-            x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "dropout {dropout}: max difference {}",
-            max_abs_diff(&hidden, &reference)
-        );
+        assert_explicit_forward_is_the_models(&model, &format!("dropout {dropout}"));
     }
+}
+
+/// The explicit pass's final hidden states equal the model's own forward pass bit for bit.
+fn assert_explicit_forward_is_the_models(model: &Llama, what: &str) {
+    let b = batch();
+    let mode = Mode::train(77);
+    let (hidden, _) = backprop::forward(model, &b.ids, Some(&b.mask), mode, false).unwrap();
+    let reference = model
+        .forward_hidden(&b.ids, Some(&b.mask), None, mode)
+        .unwrap();
+    let (x, y): (Vec<f32>, Vec<f32>) = (
+        hidden.flatten_all().unwrap().to_vec1().unwrap(),
+        reference.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert!(
+        x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}: max difference {}",
+        max_abs_diff(&hidden, &reference)
+    );
 }
 
 /// With bf16 products from rank 32, the explicit pass runs q, k and v (and gate and up)
@@ -124,32 +134,12 @@ fn shared_bf16_projections_equal_the_model_forward_pass_bit_for_bit() {
         return;
     }
     for dropout in [0.0, 0.1] {
-        let mut model = tiny_llama(&NON_UNIFORM_LAYERS, 21);
-        adapters::attach(
-            &mut model,
-            &attach_spec(Method::Rora, 32, 64.0, dropout, &ALL),
-            3,
-        )
-        .unwrap();
-        randomize_adapters(&model, 9);
+        let mut model = model_with_rank(Method::Rora, 32, dropout, &ALL);
         let bf16 = rora::nn::MatmulPrecision::Bf16;
         assert!(model.set_matmul_precision(bf16).unwrap());
-        let b = batch();
-        let mode = Mode::train(77);
-        let (hidden, _) = backprop::forward(&model, &b.ids, Some(&b.mask), mode, false).unwrap();
-        let reference = model
-            .forward_hidden(&b.ids, Some(&b.mask), None, mode)
-            .unwrap();
-        assert_eq!(
-            hidden.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            reference.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "dropout {dropout}"
-        );
-        assert_engines_agree(
-            &model,
-            &Objective::NextToken,
-            &format!("bf16, dropout {dropout}"),
-        );
+        let what = format!("bf16, dropout {dropout}");
+        assert_explicit_forward_is_the_models(&model, &what);
+        assert_engines_agree(&model, &Objective::NextToken, &what);
     }
 }
 
