@@ -22,16 +22,18 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
         return vec![0.0; len];
     }
     let mut v = Vec::with_capacity(len);
-    v.spare_capacity_mut()
+    v.spare_capacity_mut()[..len]
         .par_chunks_mut(CHUNK)
         .for_each(|chunk| chunk.fill(MaybeUninit::new(0.0)));
-    // SAFETY: the capacity is `len` and every one of its values was written just above.
+    // SAFETY: the capacity is at least `len` and each of the first `len` values was
+    // written just above.
     unsafe { v.set_len(len) };
     v
 }
 
-/// `a + b` for two tensors of the same shape: in parallel for f32 on the CPU outside
-/// autograd's graph (the same sums as candle's, value for value), candle's add otherwise.
+/// `a + b` for two tensors of the same shape: for f32 on the CPU outside autograd's graph
+/// our loop (in parallel from [`PARALLEL_FROM`] values; the same sums as candle's, value
+/// for value), candle's add otherwise.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let outside_graph = !a.track_op() && !b.track_op();
     if !outside_graph || !super::applies_to(a) || !super::applies_to(b) || a.shape() != b.shape() {
@@ -51,32 +53,39 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `x` (d0, d1, d2, d3) with its two middle dimensions swapped, contiguous: (d0, d2, d1,
-/// d3). In parallel for f32 on the CPU outside autograd's graph (the same values as
-/// candle's `transpose(1, 2)` and `contiguous()`), candle's ops otherwise. Splits the heads of (b, t, heads, hd) rows and
-/// merges them back.
+/// d3). For f32 on the CPU outside autograd's graph our copy (in parallel from
+/// [`PARALLEL_FROM`] values; the same values as candle's `transpose(1, 2)` and
+/// `contiguous()`), candle's ops otherwise — and where d1 or d2 is 1 (decoding's one new
+/// token), whose transpose is already contiguous and costs candle no copy. Splits the heads
+/// of (b, t, heads, hd) rows and merges them back.
 pub fn swap_middle_dims(x: &Tensor) -> Result<Tensor> {
     let (d0, d1, d2, d3) = x.dims4()?;
-    if !super::applies_to(x) || x.track_op() {
+    if !super::applies_to(x) || x.track_op() || d1 == 1 || d2 == 1 {
         return x.transpose(1, 2)?.contiguous();
     }
     let out = super::with_f32(x, "swap-middle-dims", |x| {
-        let block = d1 * d3; // one (i0, i2) slice of the output: d1 rows of d3
-        let mut out = Vec::with_capacity(x.len());
-        out.spare_capacity_mut()
-            .par_chunks_mut(block.max(1))
-            .enumerate()
-            .for_each(|(slice, dst)| {
-                let (i0, i2) = (slice / d2, slice % d2);
-                for (i1, row) in dst.chunks_mut(d3).enumerate() {
-                    let src = &x[((i0 * d1 + i1) * d2 + i2) * d3..][..d3];
-                    for (d, &v) in row.iter_mut().zip(src) {
-                        d.write(v);
-                    }
+        let len = x.len();
+        // One (i0, i2) slice of the output: d1 rows of d3 values.
+        let copy_slice = |(slice, dst): (usize, &mut [MaybeUninit<f32>])| {
+            let (i0, i2) = (slice / d2, slice % d2);
+            for (i1, row) in dst.chunks_mut(d3).enumerate() {
+                let src = &x[((i0 * d1 + i1) * d2 + i2) * d3..][..d3];
+                for (d, &v) in row.iter_mut().zip(src) {
+                    d.write(v);
                 }
-            });
-        // SAFETY: the d0 · d2 slices of d1 · d3 values cover the capacity, x.len(), and
-        // each wrote every one of its values above.
-        unsafe { out.set_len(x.len()) };
+            }
+        };
+        let block = (d1 * d3).max(1);
+        let mut out = Vec::with_capacity(len);
+        let dst = &mut out.spare_capacity_mut()[..len];
+        if len < PARALLEL_FROM {
+            dst.chunks_mut(block).enumerate().for_each(copy_slice);
+        } else {
+            dst.par_chunks_mut(block).enumerate().for_each(copy_slice);
+        }
+        // SAFETY: the capacity is at least `len`, and the d0 · d2 slices of d1 · d3
+        // values cover the first `len` of it, each written above.
+        unsafe { out.set_len(len) };
         Ok(out)
     })?;
     Tensor::from_vec(out, (d0, d2, d1, d3), x.device())
@@ -104,7 +113,14 @@ mod tests {
 
     #[test]
     fn swapping_the_middle_dims_matches_candles_transpose() -> Result<()> {
-        for dims in [(2, 5, 3, 4), (1, 1, 7, 2), (3, 4, 1, 1), (2, 0, 3, 4)] {
+        // Small and large (the parallel copy), a size-1 middle dim (candle's), empty.
+        for dims in [
+            (2, 5, 3, 4),
+            (2, 64, 8, 64),
+            (1, 1, 7, 2),
+            (3, 4, 1, 1),
+            (2, 0, 3, 4),
+        ] {
             let x = Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?;
             let ours = swap_middle_dims(&x)?;
             let candle = x.transpose(1, 2)?.contiguous()?;

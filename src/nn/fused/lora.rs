@@ -184,7 +184,8 @@ impl LoraOp {
     }
 
     /// The forward pass's two products of `x`: `x Wᵀ` (rows, out) and `drop(x) Aᵀ` (rows,
-    /// r). Where both run in bf16 from the same input (no dropout), in one parallel pass
+    /// r). Where both run in bf16 from the same input (rank ≥ [`BF16_MIN_RANK`], no
+    /// dropout: [`LoraOp::shares_input`]), in one parallel pass
     /// over one conversion of `x` ([`bf16::products_shared`]; the same values as one by
     /// one): the conversion reads the whole activation from memory, and at rank 128 it and
     /// packing were ~16% of a bf16 step, a second pass over `x` half of it.

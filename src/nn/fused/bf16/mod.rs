@@ -176,10 +176,11 @@ impl PackedRhs {
                 if full && rhs.col_stride == 1 {
                     pack_panel_pairs(rhs.data, rhs.row_stride, cols.start, k, lines);
                 } else if vectorised {
-                    // A transposed operand (an adapter's Aᵀ or Bᵀ, packed on every call):
-                    // the panel's 16 columns are 16 rows of the matrix, copied side by side
-                    // first so that the conversion runs vectorised (element by element it
-                    // was ~2% of a bf16 step at rank 128).
+                    // A transposed operand (an adapter's Aᵀ or Bᵀ, packed on every call;
+                    // a frozen weight's Wᵀ, packed once): the panel's 16 columns are 16
+                    // rows of the matrix, copied side by side first so that the conversion
+                    // runs vectorised (element by element the adapters' took ~2% of a bf16
+                    // step at rank 128).
                     let mut panel = vec![0f32; k * TILE_N];
                     for (j, col) in cols.clone().enumerate() {
                         let column = &rhs.data[col * rhs.col_stride..][..k];
