@@ -83,17 +83,14 @@ pub(crate) fn forward_shared(
     let mut rhs = Vec::with_capacity(2 * ops.len());
     let mut a_packed = Vec::with_capacity(ops.len());
     for (op, a, _) in ops {
-        let (Some(packed), true) = (op.weight.packed(), op.shares_input()) else {
-            return Ok(None);
-        };
-        let (rows, in_dim, _, rank) = op.shape;
+        let (rows, in_dim, _, _) = op.shape;
         if x.dims() != [rows, in_dim] || !super::applies_to(x) {
             return Ok(None);
         }
-        let a_t = with_f32(a, op.name(), |a| {
-            Ok(PackedRhs::pack(Mat::transposed(a, in_dim), in_dim, rank))
-        })?;
-        rhs.push(&packed.forward);
+        let Some((w_t, a_t)) = with_f32(a, op.name(), |a| Ok(op.shared_operands(a)))? else {
+            return Ok(None);
+        };
+        rhs.push(w_t);
         a_packed.push(a_t);
     }
     let rows = x.dims()[0];
@@ -185,15 +182,14 @@ impl LoraOp {
 
     /// The forward pass's two products of `x`: `x Wᵀ` (rows, out) and `drop(x) Aᵀ` (rows,
     /// r). Where both run in bf16 from the same input (rank ≥ [`BF16_MIN_RANK`], no
-    /// dropout: [`LoraOp::shares_input`]), in one parallel pass
+    /// dropout: [`LoraOp::shared_operands`]), in one parallel pass
     /// over one conversion of `x` ([`bf16::products_shared`]; the same values as one by
     /// one): the conversion reads the whole activation from memory, and at rank 128 it and
     /// packing were ~16% of a bf16 step, a second pass over `x` half of it.
     fn forward_products(&self, x: &[f32], w: &[f32], a: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let (rows, in_dim, out_dim, rank) = self.shape;
-        if let (Some(packed), true) = (self.weight.packed(), self.shares_input()) {
-            let a_t = PackedRhs::pack(Mat::transposed(a, in_dim), in_dim, rank);
-            let [y, down] = two(bf16::products_shared(x, rows, &[&packed.forward, &a_t]));
+        let (rows, in_dim, out_dim, _) = self.shape;
+        if let Some((w_t, a_t)) = self.shared_operands(a) {
+            let [y, down] = two(bf16::products_shared(x, rows, &[w_t, &a_t]));
             return (y, down);
         }
         let down = self.down(&self.dropped(x), a);
@@ -201,10 +197,17 @@ impl LoraOp {
         (y, down)
     }
 
-    /// Whether [`LoraOp::forward_products`] runs as one bf16 pass over its input, which
-    /// [`forward_shared`] can then share with other ops of the same input.
-    fn shares_input(&self) -> bool {
-        self.bf16() && self.dropout.is_none()
+    /// The right operands of the forward products, `Wᵀ` (packed once) and `Aᵀ` (packed
+    /// now), where they run as one bf16 pass over the input — which [`forward_shared`] can
+    /// share with other ops of the same input: rank ≥ [`BF16_MIN_RANK`] and no dropout.
+    fn shared_operands(&self, a: &[f32]) -> Option<(&PackedRhs, PackedRhs)> {
+        let packed = self.weight.packed().filter(|_| self.bf16())?;
+        if self.dropout.is_some() {
+            return None;
+        }
+        let (_, in_dim, _, rank) = self.shape;
+        let a_t = PackedRhs::pack(Mat::transposed(a, in_dim), in_dim, rank);
+        Some((&packed.forward, a_t))
     }
 
     /// `y = x Wᵀ + γ · down Bᵀ` from the forward products (`y` holding `x Wᵀ`); keeps
